@@ -1,0 +1,3 @@
+"""MailGate: a bastion mail gateway on Twisted."""
+
+__version__ = "0.1.0"

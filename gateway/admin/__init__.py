@@ -1,0 +1,1 @@
+"""Operating the gateway: the control socket."""

@@ -1,0 +1,1 @@
+"""Delivery: the router, the transports, the queue manager and bounces."""

@@ -1,0 +1,148 @@
+"""The mail nouns every part of the gateway shares: session, envelope, recipient.
+
+These are frozen values. The SMTP server builds them, the spool stores them, the
+router and transports read them; nothing mutates them in place.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+
+
+class Role(enum.Enum):
+    """What a listener is for, which decides what its clients may do."""
+
+    INBOUND = "inbound"  # the Internet: may only send to relay.domains
+    SUBMISSION = "submission"  # internal servers: may relay anywhere if allowed
+
+
+class Body(enum.Enum):
+    """The MAIL FROM BODY= parameter (RFC 6152, RFC 3030)."""
+
+    SEVEN_BIT = "7BIT"
+    EIGHT_BIT = "8BITMIME"
+    BINARY = "BINARYMIME"
+
+
+class Ret(enum.Enum):
+    """The DSN RET= parameter (RFC 3461): what a bounce returns."""
+
+    FULL = "FULL"
+    HDRS = "HDRS"
+
+
+class Notify(enum.Enum):
+    """One value of the DSN NOTIFY= parameter (RFC 3461)."""
+
+    NEVER = "NEVER"
+    SUCCESS = "SUCCESS"
+    FAILURE = "FAILURE"
+    DELAY = "DELAY"
+
+
+@attrs.frozen
+class Recipient:
+    """One RCPT TO, with its DSN parameters."""
+
+    address: str
+    notify: frozenset[Notify] = frozenset()  # empty: not given (means FAILURE,DELAY)
+    orcpt: str | None = None  # "rfc822;user@example.com", as given (xtext decoded)
+
+
+@attrs.frozen
+class Envelope:
+    """One mail transaction: the sender, the recipients and their parameters."""
+
+    mail_from: str  # "" is the null sender <>
+    rcpt_to: tuple[Recipient, ...]
+    body: Body = Body.SEVEN_BIT
+    smtputf8: bool = False
+    ret: Ret | None = None
+    envid: str | None = None
+    size: int | None = None  # the size the client declared, if any
+    auth: str | None = None  # the MAIL FROM AUTH= parameter, if any
+
+
+@attrs.frozen
+class Session:
+    """Who is talking to the gateway: one connection, as far as it has got."""
+
+    peer_host: str  # the client's IP address, as text
+    peer_port: int = 0
+    listener: str = ""  # the listener's endpoint string
+    role: Role = Role.INBOUND
+    helo: str | None = None
+    esmtp: bool = False
+    tls: bool = False
+    tls_cipher: str | None = None
+    authenticated_user: str | None = None
+    may_relay: bool = False  # decided by relay control at connect / AUTH
+
+
+class RecipientStatus(enum.Enum):
+    """Where one recipient of a queued message stands."""
+
+    PENDING = "pending"  # not yet delivered: first try or a later retry
+    DELIVERED = "delivered"
+    FAILED = "failed"  # permanently: a bounce is (or was) due
+
+
+@attrs.frozen
+class RecipientState:
+    """A recipient of a queued message and what has happened to it so far."""
+
+    recipient: Recipient
+    status: RecipientStatus = RecipientStatus.PENDING
+    attempts: int = 0
+    last_reply: str | None = None  # the last remote reply or our own reason, one line
+    relay: str | None = None  # where it went (or was tried): "mx.example.com[192.0.2.1]:25"
+
+
+@attrs.frozen
+class QueuedMessage:
+    """A message in the spool: its envelope, per-recipient state and schedule."""
+
+    queue_id: str
+    envelope: Envelope
+    recipients: tuple[RecipientState, ...]
+    arrived: float  # POSIX time the message was accepted
+    size: int  # bytes of the stored message (Received header included)
+    client: str = ""  # "host[ip]" the message came from, for logs and bounces
+    attempts: int = 0  # delivery rounds made so far
+    next_attempt: float = 0.0  # POSIX time of the next round (deferred state)
+    state: str = "incoming"  # incoming / active / deferred / hold / corrupt
+
+    def pending(self) -> tuple[RecipientState, ...]:
+        return tuple(r for r in self.recipients if r.status is RecipientStatus.PENDING)
+
+
+@attrs.frozen
+class Delivery:
+    """One delivery attempt handed to a transport: a message to some recipients."""
+
+    queue_id: str
+    envelope: Envelope  # the whole envelope (sender, BODY, SMTPUTF8, RET, ENVID)
+    recipients: tuple[Recipient, ...]  # the ones this transport should deliver now
+    message_path: str  # the stored message bytes, CRLF line ends, Received on top
+    size: int
+
+
+@attrs.frozen
+class RecipientResult:
+    """What happened to one recipient in a delivery attempt."""
+
+    recipient: Recipient
+    code: int  # 2xx delivered, 4xx try again later, 5xx permanent failure
+    enhanced: str | None
+    text: str  # the remote reply text, or our own reason ("connect to ... timed out")
+    relay: str  # where: "mx.example.com[192.0.2.1]:25", "maildir:/var/mail/x", "none"
+
+    @property
+    def delivered(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500

@@ -1,0 +1,1 @@
+"""The durable spool: one function enqueues, states are directories."""

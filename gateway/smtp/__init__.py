@@ -1,0 +1,1 @@
+"""SMTP: the server (front door) and the client and LMTP protocols (transports)."""
