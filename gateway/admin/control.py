@@ -1,0 +1,106 @@
+"""The local control socket: `mailgatectl` talks to the running gateway here.
+
+One JSON object per line each way, on a UNIX socket readable only by the
+gateway's user (and root). JSON lines rather than AMP because AMP caps a value
+at 64 KiB, and a queue listing is longer than that on a busy day.
+
+Request: ``{"command": "queue.list"}`` or ``{"command": "queue.hold", "id": "..."}``.
+Reply: ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+from twisted.python.failure import Failure
+
+from gateway.delivery.manager import QueueManager, describe
+from gateway.interfaces import ISpool
+
+log = Logger(namespace="mailgate.admin")
+
+HEADERS_SHOWN = 64 * 1024
+
+
+class ControlProtocol(LineOnlyReceiver):
+    delimiter = b"\n"
+    MAX_LENGTH = 64 * 1024
+
+    def __init__(self, commands: dict[str, Callable[[dict[str, Any]], Any]]) -> None:
+        self.commands = commands
+
+    def lineReceived(self, line: bytes) -> None:
+        try:
+            request = json.loads(line)
+            command = self.commands[request["command"]]
+        except (ValueError, KeyError, TypeError):
+            self._send({"ok": False, "error": f"unknown or malformed request: {line[:100]!r}"})
+            return
+        log.info("control: {command} {id}", command=request["command"], id=request.get("id", ""))
+        maybeDeferred(command, request).addCallbacks(
+            lambda result: self._send({"ok": True, "result": result}), self._failed
+        )
+
+    def _failed(self, failure: Failure) -> None:
+        if failure.check(KeyError):
+            self._send({"ok": False, "error": f"no such message: {failure.value.args[0]}"})
+        elif failure.check(ValueError):
+            self._send({"ok": False, "error": failure.getErrorMessage()})
+        else:
+            log.failure("control command failed", failure)
+            self._send({"ok": False, "error": f"internal error: {failure.getErrorMessage()}"})
+
+    def _send(self, reply: dict[str, Any]) -> None:
+        self.transport.write(json.dumps(reply).encode() + b"\n")  # type: ignore[union-attr]
+
+
+class ControlFactory(Factory):
+    """Builds the command table from the queue manager and the spool."""
+
+    def __init__(self, manager: QueueManager, spool: ISpool, started: float | None = None) -> None:
+        self.manager = manager
+        self.spool = spool
+        self.started = started or time.time()
+
+    def buildProtocol(self, addr: object) -> ControlProtocol:
+        protocol = ControlProtocol(
+            {
+                "status": self.status,
+                "queue.list": lambda r: self.manager.summary(),
+                "queue.show": self.show,
+                "queue.hold": lambda r: self._then(self.manager.hold(r["id"]), r["id"]),
+                "queue.release": lambda r: self._then(self.manager.release(r["id"]), r["id"]),
+                "queue.delete": lambda r: self._then(self.manager.delete(r["id"]), r["id"]),
+                "queue.flush": lambda r: self.manager.flush(r.get("id")),
+            }
+        )
+        protocol.factory = self
+        return protocol
+
+    @staticmethod
+    def _then(d: Deferred[Any], queue_id: str) -> Deferred[str]:
+        return d.addCallback(lambda _: queue_id)
+
+    def status(self, request: dict[str, Any]) -> dict[str, Any]:
+        counts = {state: len(self.spool.list(state)) for state in ("incoming", "deferred", "hold", "corrupt")}
+        counts["active"] = len(self.manager.in_flight)
+        return {"pid": os.getpid(), "uptime": time.time() - self.started, "queue": counts}
+
+    def show(self, request: dict[str, Any]) -> dict[str, Any]:
+        queue_id = request["id"]
+        message = self.spool.load(queue_id)
+        state = "active" if queue_id in self.manager.in_flight else message.state
+        shown = describe(message, state)
+        with open(self.spool.message_path(queue_id), "rb") as handle:
+            head = handle.read(HEADERS_SHOWN)
+        end = head.find(b"\r\n\r\n")
+        shown["headers"] = (head if end < 0 else head[: end + 2]).decode("utf-8", "replace")
+        return shown
