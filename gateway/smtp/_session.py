@@ -1,0 +1,152 @@
+"""Settings and small pure pieces of the SMTP server: EHLO keywords, Received header."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import attrs
+from twisted.internet.defer import Deferred
+
+from gateway.model import Envelope, Recipient, Session
+from gateway.smtp.reply import Reply
+
+
+@attrs.frozen
+class ServerSettings:
+    """What one SMTP listener enforces; every default here is the seed's.
+
+    Line lengths: a command line (and an AUTH response line) may have
+    `max_line_length` octets including CRLF (RFC 5321 4.5.3.1.4 and .6); a longer
+    one is answered ``500 5.5.6`` and skipped without being buffered. Message data
+    lines are *not* limited (real mail breaks the 1000-octet rule often enough
+    that refusing it would lose mail; the outbound client folds or uses
+    BINARYMIME): the server keeps at most `data_chunk_size` octets of a partial
+    data line and hands the rest to the spool as it comes.
+
+    Bare CR / bare LF in DATA (or in BDAT without BODY=BINARYMIME): with
+    `reject_bare_lf` the message is read to its real end (CRLF.CRLF) and refused
+    with ``550 5.5.2``; without it, each bare CR or LF is stored as CRLF. Either
+    way the stored message never contains one, and a lone LF never ends the data.
+    """
+
+    hostname: str = attrs.field(factory=socket.getfqdn)
+    banner: str = "ESMTP MailGate"
+    max_recipients: int = 16
+    max_message_size: int = 100 * 1024 * 1024
+    max_hops: int = 32  # more Received: headers than this -> 554 5.4.6
+    idle_timeout: float = 300.0  # seconds without a byte from the client -> 421 4.4.2
+    max_commands: int = 1000  # per connection (BDAT chunks with data do not count)
+    max_errors: int = 10  # 4xx/5xx replies before 421 and disconnect
+    max_line_length: int = 1000  # command line, CRLF included
+    data_chunk_size: int = 64 * 1024  # most of a partial data line kept in memory
+    vrfy_enabled: bool = False  # VRFY answers 502 when off, 252 when on
+    reject_bare_lf: bool = True
+    auth_requires_tls: bool = True  # AUTH advertised and accepted only after STARTTLS
+    tls_required: bool = False  # MAIL refused before STARTTLS (a submission port)
+    max_auth_failures: int = 5  # failed AUTH attempts before 421 and disconnect
+    auth_failure_delay: float = 1.0  # seconds before answering a failed AUTH
+
+
+class IncomingMessage(Protocol):
+    """The part of `gateway.interfaces.IIncomingMessage` the server uses."""
+
+    @property
+    def queue_id(self) -> str: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class Reception(Protocol):
+    """`gateway.interfaces.IReception`, as a structural type for mypy."""
+
+    def new_message(self, session: Session) -> Any: ...
+
+    def check_mail(self, session: Session, envelope: Envelope) -> Deferred[Reply | None]: ...
+
+    def check_rcpt(
+        self, session: Session, envelope: Envelope, recipient: Recipient
+    ) -> Deferred[Reply | None]: ...
+
+    def accept(self, session: Session, envelope: Envelope, message: Any) -> Deferred[Reply]: ...
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def in_networks(host: str, networks: tuple[Network, ...]) -> bool:
+    """Whether an IP address (text, IPv4-mapped IPv6 allowed) is in one of the networks."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
+_UNSAFE_HELO = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
+
+
+def protocol_name(session: Session, envelope: Envelope) -> str:
+    """The ``with`` keyword of the Received header (RFC 3848, RFC 6531)."""
+    if not session.esmtp:
+        return "SMTP"
+    name = "UTF8SMTP" if envelope.smtputf8 else "ESMTP"
+    if session.tls:
+        name += "S"
+    if session.authenticated_user is not None:
+        name += "A"
+    return name
+
+
+def received_header(
+    session: Session, envelope: Envelope, *, hostname: str, queue_id: str, now: float
+) -> bytes:
+    """Our trace header (RFC 5321 4.4), the first bytes of every stored message."""
+    helo = _UNSAFE_HELO.sub("_", session.helo or "unknown")[:255]
+    tls = f" (using {session.tls_cipher})" if session.tls and session.tls_cipher else ""
+    date = datetime.fromtimestamp(now, tz=UTC).strftime("%a, %d %b %Y %H:%M:%S +0000")
+    lines = [
+        f"Received: from {helo} ([{session.peer_host}]){tls}",
+        f"\tby {hostname} with {protocol_name(session, envelope)} id {queue_id}",
+    ]
+    if len(envelope.rcpt_to) == 1:
+        lines.append(f"\tfor <{envelope.rcpt_to[0].address}>; {date}")
+    else:
+        lines[-1] += f"; {date}"
+    text = "\r\n".join(lines) + "\r\n"
+    return text.encode("utf-8", "replace")
+
+
+def ehlo_keywords(
+    settings: ServerSettings,
+    session: Session,
+    *,
+    can_start_tls: bool,
+    auth_mechanisms: tuple[str, ...],
+) -> list[str]:
+    """The extensions to advertise to this session, in EHLO order."""
+    keywords = [
+        "PIPELINING",
+        f"SIZE {settings.max_message_size}",
+        "8BITMIME",
+        "SMTPUTF8",
+        "ENHANCEDSTATUSCODES",
+        "CHUNKING",
+        "BINARYMIME",
+        "DSN",
+    ]
+    if settings.vrfy_enabled:
+        keywords.append("VRFY")
+    if can_start_tls and not session.tls:
+        keywords.append("STARTTLS")
+    auth_allowed = session.tls or not settings.auth_requires_tls
+    if auth_mechanisms and auth_allowed and session.authenticated_user is None:
+        keywords.append("AUTH " + " ".join(auth_mechanisms))
+    return keywords
