@@ -219,10 +219,6 @@ class SmtpServerProtocol(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.reset(self.settings.idle_timeout)
         self._buffer += data
-        if self._waiting and len(self._buffer) - self._pos > self.settings.data_chunk_size:
-            # the client keeps sending while we wait: stop reading the socket
-            self.transport.pauseProducing()  # type: ignore[union-attr]
-            self._producer_paused = True
         self._process()
 
     def _timed_out(self) -> None:
@@ -255,7 +251,14 @@ class SmtpServerProtocol(Protocol):
             if self._pos:
                 del self._buffer[: self._pos]
                 self._pos = 0
-        if self._producer_paused and not self._waiting and not self._closing:
+        if self._closing:
+            return
+        if self._waiting and len(self._buffer) > self.settings.data_chunk_size:
+            if not self._producer_paused:
+                # the client keeps sending while we wait: stop reading its socket
+                self._producer_paused = True
+                self.transport.pauseProducing()  # type: ignore[union-attr]
+        elif self._producer_paused and not self._waiting:
             self._producer_paused = False
             self.transport.resumeProducing()  # type: ignore[union-attr]
 
