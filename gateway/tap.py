@@ -1,0 +1,177 @@
+"""The composition root: `twistd mailgate` options and the service tree.
+
+This is the only place that reads the whole configuration, builds every
+component with its slice of it, and touches the reactor.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import resource
+import sys
+import time
+from collections.abc import Callable
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IServiceCollection, MultiService, Service
+from twisted.internet import reactor as global_reactor
+from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+
+from gateway import config as configuration
+from gateway.admin.control import ControlFactory
+from gateway.delivery.manager import QueueManager
+from gateway.delivery.router import Router
+from gateway.delivery.transports import Transports
+from gateway.queue.spool import DirectorySpool
+from gateway.reception import Reception
+from gateway.smtp.server import SmtpServerFactory
+
+log = Logger(namespace="mailgate")
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE]"
+    longdesc = (
+        "Run the MailGate mail gateway. Without --config it runs on its embedded defaults: "
+        "SMTP on 127.0.0.1:2525, state under ./mailgate-state, mail for example.com into "
+        "./mailgate-state/mail/."
+    )
+    optParameters = [["config", "c", None, "The configuration file (TOML)."]]
+
+    def postOptions(self) -> None:
+        try:
+            self["loaded"] = configuration.load(self["config"])
+        except configuration.ConfigError as error:
+            raise usage.UsageError(str(error)) from None
+
+
+class GatewayService(MultiService):
+    """The top of the tree: binds as root, then drops privileges, then starts."""
+
+    def __init__(self, cfg: configuration.Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def privilegedStartService(self) -> None:
+        raise_open_files_limit(self.cfg.gateway.max_open_files)
+        super().privilegedStartService()  # binds the listeners and the control socket
+        if os.getuid() == 0 and self.cfg.gateway.user:
+            drop_privileges(self.cfg)
+
+    def startService(self) -> None:
+        super().startService()
+        log.info(
+            "mailgate started: {hostname}, state in {state}, {listeners} SMTP listener(s)",
+            hostname=self.cfg.gateway.hostname,
+            state=self.cfg.gateway.state_dir,
+            listeners=len(self.cfg.smtp.listeners),
+        )
+
+
+def raise_open_files_limit(wanted: int) -> None:
+    """One file descriptor per SMTP session: raise the soft (and if root, hard) limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= wanted:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, max(hard, wanted)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+    log.info("open files limit raised to {limit}", limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+
+
+def drop_privileges(cfg: configuration.Config) -> None:
+    """Give the state directory to the configured user, then become that user."""
+    try:
+        user = pwd.getpwnam(cfg.gateway.user)
+        gid = grp.getgrnam(cfg.gateway.group).gr_gid if cfg.gateway.group else user.pw_gid
+    except KeyError as error:
+        raise SystemExit(f"mailgate: gateway.user/group: no such user or group: {error.args[0]}") from None
+    for top, dirs, files in os.walk(cfg.gateway.state_dir):
+        for name in [top, *(os.path.join(top, d) for d in dirs), *(os.path.join(top, f) for f in files)]:
+            st = os.lstat(name)
+            if st.st_uid != user.pw_uid or st.st_gid != gid:
+                os.lchown(name, user.pw_uid, gid)
+    if os.path.exists(cfg.control_socket):
+        os.chown(cfg.control_socket, user.pw_uid, gid)
+    os.initgroups(user.pw_name, gid)
+    os.setgid(gid)
+    os.setuid(user.pw_uid)
+    log.info("running as {user} (uid {uid})", user=user.pw_name, uid=user.pw_uid)
+
+
+def make_service(cfg: configuration.Config, reactor: object = global_reactor) -> MultiService:
+    """Build the whole gateway from its configuration."""
+    os.makedirs(cfg.gateway.state_dir, mode=0o750, exist_ok=True)
+    top = GatewayService(cfg)
+
+    spool = DirectorySpool(cfg.spool_dir, reactor=reactor, hash_levels=cfg.gateway.hash_levels)
+    transports = Transports(cfg, reactor)
+    transports.setServiceParent(top)
+    manager = QueueManager(
+        spool,
+        Router(cfg.routes),
+        transports.for_route,
+        transports.bounce,
+        cfg.delivery,
+        reactor,  # type: ignore[arg-type]
+    )
+    transports.spool = spool
+    reception = Reception(spool, cfg.relay, on_queued=manager.wake)
+    spool.subscribe(manager.wake)
+    SpoolRecovery(spool, manager.scan).setServiceParent(top)
+    manager.setServiceParent(top)
+
+    from gateway.certificates import server_context
+    from gateway.smtp.auth import CredentialsFile
+
+    tls_context = server_context(cfg.tls, cfg.gateway.hostname, cfg.gateway.state_dir)
+    credentials = CredentialsFile(cfg.auth.credentials_file) if cfg.auth.credentials_file else None
+    for listener in cfg.smtp.listeners:
+        factory = SmtpServerFactory.from_config(
+            cfg, listener, reception, tls_context=tls_context, credentials=credentials, reactor=reactor
+        )
+        endpoint = serverFromString(reactor, listener.endpoint)
+        service = StreamServerEndpointService(endpoint, factory)
+        service._raiseSynchronously = True  # a port in use stops start-up with a clear error
+        service.setServiceParent(top)
+
+    control = StreamServerEndpointService(
+        UNIXServerEndpoint(reactor, cfg.control_socket, mode=0o600, wantPID=True),
+        ControlFactory(manager, spool, time.time()),
+    )
+    control._raiseSynchronously = True
+    control.setServiceParent(top)
+    return top
+
+
+class SpoolRecovery(Service):
+    """On start: clean half-written files and requeue what was active at a crash."""
+
+    def __init__(self, spool: DirectorySpool, then: Callable[[], None]) -> None:
+        self.spool = spool
+        self.then = then
+
+    def startService(self) -> None:
+        super().startService()
+
+        def recovered(count: int) -> None:
+            log.info("spool recovered: {count} message(s) requeued", count=count)
+            self.then()
+
+        self.spool.recover().addCallback(recovered).addErrback(
+            lambda failure: log.failure("spool recovery failed", failure)
+        )
+
+
+def makeService(options: Options) -> IServiceCollection:
+    cfg: configuration.Config = options["loaded"]
+    try:
+        return make_service(cfg)
+    except configuration.ConfigError as error:
+        sys.stderr.write(f"mailgate: {error}\n")
+        raise SystemExit(1) from None
