@@ -131,6 +131,7 @@ class SmtpServerProtocol(Protocol):
         self._newlines = NewlineChecker()
         self._headers = HeaderScanner()
         self._chunk_left = 0
+        self._chunk_size = 0
         self._chunk_last = False
         self._chunk_error: Reply | None = None
         self._carry = b""  # a CR at the end of a BDAT chunk, until the next byte
@@ -185,7 +186,7 @@ class SmtpServerProtocol(Protocol):
             self._timer.cancel()
         self._timer = None
         if self._message is not None:
-            self._abort_message()
+            self._abort_message(keep_id=True)
             log.info(
                 "smtpd: {queue_id}: lost connection with [{peer}]:{port} during {mode}",
                 queue_id=self._queue_id(),
@@ -518,7 +519,7 @@ class SmtpServerProtocol(Protocol):
             self._log_reject(_describe("BDAT", argument), Reply(501, "5.5.4", "bad BDAT syntax"))
             self._shutdown(Reply(501, "5.5.4", "Syntax: BDAT size [LAST]; closing"))
             return None
-        self._chunk_left = int(match.group(1))
+        self._chunk_left = self._chunk_size = int(match.group(1))
         self._chunk_last = match.group(2) is not None
         if self._chunk_left == 0 and not self._chunk_last:
             pass  # an empty chunk counts as a command (a flood of them is bounded)
@@ -805,7 +806,6 @@ class SmtpServerProtocol(Protocol):
         self._abort_message(keep_id=True)
 
     def _end_chunk(self) -> None:
-        count = self._size
         if self._chunk_error is not None:
             error, self._chunk_error = self._chunk_error, None
             self._reply_failed("BDAT", error)
@@ -814,7 +814,7 @@ class SmtpServerProtocol(Protocol):
             self._reply_failed("BDAT", self._failure)
             return
         if not self._chunk_last:
-            self._reply(Reply(250, "2.0.0", f"{count} octets received"), "BDAT")
+            self._reply(Reply(250, "2.0.0", f"{self._chunk_size} octets received"), "BDAT")
             return
         if self._carry:
             carry, self._carry = self._carry, b""

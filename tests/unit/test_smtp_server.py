@@ -6,7 +6,6 @@ connection: `ask("EHLO x")` sends a line and returns the reply lines.
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any
 
 import attrs
@@ -16,12 +15,11 @@ from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
-from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from gateway.interfaces import IReception
-from gateway.model import Body, Notify, Recipient, Ret, Role, Session
+from gateway.model import Recipient, Role, Session
 from gateway.smtp.reply import Reply
 from gateway.smtp.server import ServerSettings, SmtpServerFactory, SmtpServerProtocol
 from gateway.testing import RecordingReception
