@@ -67,18 +67,23 @@ def _unb64(text: str) -> bytes:
     return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
 
 
-def hash_password(password: str, scheme: str = "SCRYPT") -> str:
-    """The ``{SCHEME}...`` text for a credentials file (for ``mailgatectl passwd``)."""
+def hash_password(password: str, scheme: str = "SCRYPT", *, cost: int | None = None) -> str:
+    """The ``{SCHEME}...`` text for a credentials file (for ``mailgatectl passwd``).
+
+    `cost` overrides the work factor: log2(N) for SCRYPT, iterations for PBKDF2.
+    """
     secret = password.encode("utf-8")
     if scheme == "SCRYPT":
         salt = os.urandom(16)
-        digest = _scrypt(secret, salt, SCRYPT_LOG_N, SCRYPT_R, SCRYPT_P)
-        params = f"ln={SCRYPT_LOG_N},r={SCRYPT_R},p={SCRYPT_P}"
+        log_n = cost or SCRYPT_LOG_N
+        digest = _scrypt(secret, salt, log_n, SCRYPT_R, SCRYPT_P)
+        params = f"ln={log_n},r={SCRYPT_R},p={SCRYPT_P}"
         return f"{{SCRYPT}}$scrypt${params}${_b64(salt)}${_b64(digest)}"
     if scheme == "PBKDF2-SHA256":
         salt = os.urandom(16)
-        digest = hashlib.pbkdf2_hmac("sha256", secret, salt, PBKDF2_ITERATIONS)
-        params = f"i={PBKDF2_ITERATIONS}"
+        iterations = cost or PBKDF2_ITERATIONS
+        digest = hashlib.pbkdf2_hmac("sha256", secret, salt, iterations)
+        params = f"i={iterations}"
         return f"{{PBKDF2-SHA256}}$pbkdf2-sha256${params}${_b64(salt)}${_b64(digest)}"
     if scheme == "CRAM-MD5":
         return "{CRAM-MD5}" + cram_md5_context(secret).hex()

@@ -294,11 +294,11 @@ class SmtpServerProtocol(Protocol):
             self._pos = end + 2
             return bytes(buffer[start:end])
         if len(buffer) - start >= limit:
-            self._discarding_line = True
-            self._pos = len(buffer) - 1  # keep a possible CR of the CRLF
+            self._discarding_line = True  # answer once, then skip to the next CRLF
             self._mode = _Mode.COMMAND
             self._mechanism = None
             self._reply(Reply(500, "5.5.6", "Error: line too long"), "line")
+            return None if self._closing else self._take_line()
         return None
 
     # --- replies -------------------------------------------------------------------
@@ -707,6 +707,8 @@ class SmtpServerProtocol(Protocol):
         failed = Reply(535, "5.7.8", "Authentication credentials invalid")
         if self._auth_failures >= self.settings.max_auth_failures:
             failed = Reply(421, "4.7.0", f"{self.settings.hostname} Error: too many AUTH failures")
+        if self.settings.auth_failure_delay <= 0:
+            return failed
         return deferLater(self.server.clock, self.settings.auth_failure_delay, lambda: failed)
 
     # --- message data -----------------------------------------------------------------
