@@ -115,10 +115,8 @@ labels = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?", fullmatch=True)
 domains = st.lists(labels, min_size=1, max_size=4).map(".".join)
 ipv4 = st.ip_addresses(v=4).map(lambda ip: f"[{ip}]")
 ipv6 = st.ip_addresses(v=6).map(lambda ip: f"[IPv6:{ip}]")
-mailboxes = st.builds(
-    lambda local, domain: f"{local}@{domain}", dot_strings | quoted, domains | ipv4 | ipv6
-)
-utf8_letters = st.characters(min_codepoint=0xA0, max_codepoint=0x2FFF, categories=("L",))
+mailboxes = st.builds(lambda local, domain: f"{local}@{domain}", dot_strings | quoted, domains | ipv4 | ipv6)
+utf8_letters = st.characters(min_codepoint=0xA0, max_codepoint=0x2FFF, categories=["L"])
 utf8_mailboxes = st.builds(
     lambda local, domain: f"{local}@{domain}.example",
     st.text(utf8_letters, min_size=1, max_size=8),

@@ -334,7 +334,8 @@ def test_log_lines_for_connect_reject_and_disconnect() -> None:
     lines = [str(event["log_format"]).format(**event) for event in events]
     assert lines == [
         "smtpd: connect from [192.0.2.1]:5555",
-        f"smtpd: {queue_id}: reject DATA from [192.0.2.1]:5555: 550 5.5.2 Error: bare CR or LF in message data",
+        f"smtpd: {queue_id}: reject DATA from [192.0.2.1]:5555:"
+        " 550 5.5.2 Error: bare CR or LF in message data",
         "smtpd: disconnect from [192.0.2.1]:5555 commands=5 messages=0 rcpt=1 errors=1",
     ]
     assert events[1]["queue_id"] == queue_id

@@ -10,7 +10,7 @@ import datetime
 import smtplib
 import socket
 import ssl
-from typing import Any
+from typing import Any, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -20,7 +20,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.ssl import PrivateCertificate
 from twisted.internet.threads import deferToThread
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
@@ -58,7 +58,7 @@ def unverified_client_context() -> ssl.SSLContext:
 
 def read_reply(sock: socket.socket) -> str:
     """One whole (possibly multi-line) reply, read byte by byte so nothing extra is consumed."""
-    lines = []
+    lines: list[str] = []
     while True:
         line = b""
         while not line.endswith(b"\r\n"):
@@ -90,14 +90,14 @@ class LoopbackTests(TestCase):
         factory = SmtpServerFactory(
             ServerSettings(hostname="mx.test", auth_failure_delay=0.1),
             self.reception,
-            clock=reactor,  # type: ignore[arg-type]
-            tls_context=PrivateCertificate.loadPEM(self_signed_pem()).options(),
+            clock=reactor,
+            tls_context=PrivateCertificate.loadPEM(self_signed_pem()).options(),  # type: ignore[no-untyped-call]
             credentials=users,
             listener="tcp:0:interface=127.0.0.1",
         )
-        self.listening = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(self.listening.stopListening)
-        self.port = self.listening.getHost().port
+        self.port: int = self.listening.getHost().port  # type: ignore[attr-defined]
 
     def test_starttls_and_auth_with_smtplib(self) -> Deferred[Any]:
         def client() -> tuple[bool, bool, str]:
@@ -117,24 +117,25 @@ class LoopbackTests(TestCase):
 
         def check(result: tuple[bool, bool, str]) -> None:
             auth_before, auth_after, mechanisms = result
-            self.assertFalse(auth_before)
-            self.assertTrue(auth_after)
-            self.assertEqual(mechanisms.split(), ["PLAIN", "LOGIN", "CRAM-MD5"])
+            assert not auth_before
+            assert auth_after
+            assert mechanisms.split() == ["PLAIN", "LOGIN", "CRAM-MD5"]
             envelope, message = self.reception.accepted[0]
-            self.assertEqual([r.address for r in envelope.rcpt_to], ["bob@example.net"])
+            assert [r.address for r in envelope.rcpt_to] == ["bob@example.net"]
             session = self.reception.sessions[-1]
-            self.assertEqual((session.authenticated_user, session.may_relay), ("alice", True))
-            self.assertTrue(session.tls)
-            self.assertIn(b" with ESMTPSA id ", message.data)
-            self.assertIn(b"(using TLSv1.", message.data)
-            self.assertTrue(message.data.endswith(b"Subject: x\r\n\r\nhi\r\n"))
+            assert (session.authenticated_user, session.may_relay) == ("alice", True)
+            assert session.tls
+            assert b" with ESMTPSA id " in message.data
+            assert b"(using TLSv1." in message.data
+            assert message.data.endswith(b"Subject: x\r\n\r\nhi\r\n")
 
         return deferToThread(client).addCallback(check)
 
     def test_cram_md5_with_smtplib(self) -> Deferred[Any]:
-        events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events: list[Any] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
 
         def client() -> None:
             with smtplib.SMTP("127.0.0.1", self.port, timeout=20) as smtp:
@@ -143,8 +144,10 @@ class LoopbackTests(TestCase):
                 smtp.login("bob", "bob-secret")  # smtplib prefers CRAM-MD5
 
         def check(_: None) -> None:
-            logins = [(e["user"], e["mechanism"]) for e in events if "authenticated" in e.get("log_format", "")]
-            self.assertEqual(logins, [("bob", "CRAM-MD5")])
+            logins = [
+                (e["user"], e["mechanism"]) for e in events if "authenticated" in e.get("log_format", "")
+            ]
+            assert logins == [("bob", "CRAM-MD5")]
 
         return deferToThread(client).addCallback(check)
 
@@ -166,15 +169,15 @@ class LoopbackTests(TestCase):
                     unexpected = b""
                 tls.settimeout(20)
                 tls.sendall(b"MAIL FROM:<a@example.org>\r\n")
-                after = read_reply(tls)  # type: ignore[arg-type]
+                after = read_reply(tls)
                 tls.sendall(b"QUIT\r\n")
-                read_reply(tls)  # type: ignore[arg-type]
+                read_reply(tls)
                 return unexpected, after
 
         def check(result: tuple[bytes, str]) -> None:
             unexpected, after = result
-            self.assertEqual(unexpected, b"")
-            self.assertEqual(after, "503 5.5.1 Error: send HELO/EHLO first\r\n")
-            self.assertEqual(self.reception.calls, [])
+            assert unexpected == b""
+            assert after == "503 5.5.1 Error: send HELO/EHLO first\r\n"
+            assert self.reception.calls == []
 
         return deferToThread(client).addCallback(check)
