@@ -21,7 +21,7 @@ import base64
 import binascii
 import re
 from collections.abc import Callable
-from typing import TypeVar, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import attrs
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -54,6 +54,9 @@ from gateway.smtp._session import (
 from gateway.smtp.address import CommandError, parse_mail_from, parse_rcpt_to
 from gateway.smtp.auth import ICredentials
 from gateway.smtp.reply import Reply
+
+if TYPE_CHECKING:
+    from gateway.config import Config, ListenerConfig
 
 __all__ = ["ServerSettings", "SmtpServerFactory", "SmtpServerProtocol"]
 
@@ -98,6 +101,44 @@ class SmtpServerFactory(ServerFactory):
         self.relay_networks = relay_networks
         self.listener = listener
         self.role = role
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: Config,
+        listener: ListenerConfig,
+        reception: Reception,
+        *,
+        reactor: IReactorTime,
+        tls_context: IOpenSSLServerConnectionCreator | None = None,
+        credentials: ICredentials | None = None,
+    ) -> SmtpServerFactory:
+        """The factory for one configured listener (for the composition root)."""
+        smtp = cfg.smtp
+        settings = ServerSettings(
+            hostname=cfg.gateway.hostname,
+            banner=smtp.banner,
+            max_recipients=smtp.max_recipients,
+            max_message_size=smtp.max_message_size,
+            max_hops=smtp.max_hops,
+            idle_timeout=smtp.idle_timeout,
+            max_commands=smtp.max_commands,
+            max_errors=smtp.max_errors,
+            vrfy_enabled=smtp.vrfy,
+            reject_bare_lf=smtp.reject_bare_lf,
+            auth_requires_tls=smtp.auth_requires_tls,
+            tls_required=listener.require_tls,
+        )
+        return cls(
+            settings,
+            reception,
+            clock=reactor,
+            tls_context=tls_context,
+            credentials=credentials,
+            relay_networks=cfg.relay.networks,
+            listener=listener.endpoint,
+            role=listener.role,
+        )
 
     def buildProtocol(self, addr: IAddress | None) -> SmtpServerProtocol:
         return SmtpServerProtocol(self)

@@ -346,3 +346,17 @@ def test_body_with_crlf_only_is_accepted_byte_for_byte() -> None:
     dialogue.transaction()
     dialogue.send_message(BODY)
     assert dialogue.stored() == BODY
+
+
+def test_factory_from_config() -> None:
+    from twisted.internet.task import Clock
+
+    from gateway import config
+    from gateway.smtp.server import SmtpServerFactory
+
+    cfg = config.load(None)
+    factory = SmtpServerFactory.from_config(cfg, cfg.smtp.listeners[0], RecordingReception(), reactor=Clock())
+    assert factory.settings.hostname == cfg.gateway.hostname
+    assert factory.settings.max_recipients == cfg.smtp.max_recipients
+    assert factory.listener == cfg.smtp.listeners[0].endpoint
+    assert factory.relay_networks == cfg.relay.networks
