@@ -212,7 +212,7 @@ class _Reader:
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise self.error(key, f"must be {_kind_name(kind)}, not {_kind_name(type(value))}")
-        return value  # type: ignore[no-any-return]
+        return value
 
     def duration(self, key: str, default: float) -> float:
         value = self.table.pop(key, default)
@@ -321,7 +321,7 @@ def _check_endpoint(reader: _Reader, key: str, endpoint: str) -> None:
     from twisted.internet.endpoints import serverFromString
 
     try:
-        serverFromString(reactor, endpoint)
+        serverFromString(reactor, endpoint)  # type: ignore[no-untyped-call]
     except (ValueError, TypeError, KeyError) as error:
         raise reader.error(key, f"bad endpoint {endpoint!r}: {error}") from None
 

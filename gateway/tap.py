@@ -20,6 +20,7 @@ from twisted.internet import reactor as global_reactor
 from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
 
 from gateway import config as configuration
 from gateway.admin.control import ControlFactory
@@ -28,6 +29,8 @@ from gateway.delivery.router import Router
 from gateway.delivery.transports import Transports
 from gateway.queue.spool import DirectorySpool
 from gateway.reception import Reception
+from gateway.certificates import server_context
+from gateway.smtp.auth import CredentialsError, FileCredentials
 from gateway.smtp.server import SmtpServerFactory
 
 log = Logger(namespace="mailgate")
@@ -126,11 +129,22 @@ def make_service(cfg: configuration.Config, reactor: object = global_reactor) ->
     SpoolRecovery(spool, manager.scan).setServiceParent(top)
     manager.setServiceParent(top)
 
-    from gateway.certificates import server_context
-    from gateway.smtp.auth import CredentialsFile
-
     tls_context = server_context(cfg.tls, cfg.gateway.hostname, cfg.gateway.state_dir)
-    credentials = CredentialsFile(cfg.auth.credentials_file) if cfg.auth.credentials_file else None
+    credentials = None
+    if cfg.auth.credentials_file:
+        # password hashes are slow on purpose: they get their own small pool
+        hashing = ThreadPoolService("auth", 2)
+        hashing.setServiceParent(top)
+        try:
+            credentials = FileCredentials.from_file(
+                cfg.auth.credentials_file, reactor=reactor, threadpool=hashing.pool
+            )
+        except OSError as error:
+            raise configuration.ConfigError(
+                cfg.source, "auth.credentials_file", f"cannot read {error.filename}: {error.strerror}"
+            ) from None
+        except CredentialsError as error:
+            raise configuration.ConfigError(cfg.source, "auth.credentials_file", str(error)) from None
     for listener in cfg.smtp.listeners:
         factory = SmtpServerFactory.from_config(
             cfg, listener, reception, tls_context=tls_context, credentials=credentials, reactor=reactor
@@ -147,6 +161,21 @@ def make_service(cfg: configuration.Config, reactor: object = global_reactor) ->
     control._raiseSynchronously = True
     control.setServiceParent(top)
     return top
+
+
+class ThreadPoolService(Service):
+    """A dedicated, bounded thread pool started and stopped with the gateway."""
+
+    def __init__(self, name: str, size: int) -> None:
+        self.pool = ThreadPool(minthreads=0, maxthreads=size, name=name)
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:  # type: ignore[override]
+        super().stopService()
+        self.pool.stop()
 
 
 class SpoolRecovery(Service):

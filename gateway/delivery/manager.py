@@ -237,8 +237,8 @@ class QueueManager(Service):
             yield self.spool.remove(message.queue_id)
             return
         delay = self.retry_delay(attempts)
-        state = "hold" if requested == "hold" else "deferred"
-        updated = attrs.evolve(updated, state=state, next_attempt=now + delay)
+        next_state = "hold" if requested == "hold" else "deferred"
+        updated = attrs.evolve(updated, state=next_state, next_attempt=now + delay)
         yield self.spool.update(updated)
         self._schedule_scan(delay)
 

@@ -1,0 +1,131 @@
+"""The real gateway as a process: `twistd -n mailgate --config FILE` in a temp dir."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+class GatewayProcess:
+    """Starts, kills and restarts a gateway; runs mailgatectl against it."""
+
+    def __init__(self, directory: str, config_text: str, smtp_port: int, host: str = "127.0.0.1") -> None:
+        self.directory = directory
+        self.host = host
+        self.smtp_port = smtp_port
+        self.config_path = os.path.join(directory, "mailgate.toml")
+        self.log_path = os.path.join(directory, "mailgate.log")
+        with open(self.config_path, "w", encoding="utf-8") as handle:
+            handle.write(textwrap.dedent(config_text))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        return env
+
+    def start(self, timeout: float = 20.0) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "twisted", "--log-format", "text", "--reactor", "epoll", "mailgate",
+             "--config", self.config_path],
+            cwd=self.directory,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the gateway exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                with socket.create_connection((self.host, self.smtp_port), timeout=1) as conn:
+                    if conn.recv(100).startswith(b"220"):
+                        return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"the gateway did not answer on {self.host}:{self.smtp_port}:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as handle:
+                return handle.read()
+        except OSError:
+            return ""
+
+    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "--config", self.config_path, *args],
+            cwd=self.directory, env=self.env, capture_output=True, text=True, timeout=60,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"mailgatectl {' '.join(args)} failed ({result.returncode}):\n"
+                                 f"{result.stdout}{result.stderr}")
+        return result
+
+    def wait_for_log(self, needle: str, timeout: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log()
+            if needle in text:
+                return text
+            time.sleep(0.1)
+        raise AssertionError(f"{needle!r} never appeared in the gateway log:\n{self.log()[-4000:]}")
+
+
+def maildir_messages(path: str) -> list[bytes]:
+    found = []
+    for sub in ("new", "cur"):
+        folder = os.path.join(path, sub)
+        if os.path.isdir(folder):
+            for name in sorted(os.listdir(folder)):
+                with open(os.path.join(folder, name), "rb") as handle:
+                    found.append(handle.read())
+    return found
+
+
+def wait_until(predicate: object, timeout: float = 20.0, interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
+
+
+def swaks(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["swaks", "--hide-informational", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+__all__: Sequence[str] = ["GatewayProcess", "free_port", "maildir_messages", "swaks", "wait_until"]
