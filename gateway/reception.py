@@ -6,8 +6,6 @@ Every ingress ends in `Reception.accept`, which commits the message and answers
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -31,14 +29,12 @@ class Reception:
         self,
         spool: ISpool,
         relay: RelayConfig,
-        on_queued: Callable[[str], None] = lambda queue_id: None,
     ) -> None:
         self.spool = spool
         self.relay = relay
-        self.on_queued = on_queued
 
     def new_message(self, session: Session) -> IIncomingMessage:
-        return self.spool.new_message()  # type: ignore[no-any-return]
+        return self.spool.new_message()
 
     def check_mail(self, session: Session, envelope: Envelope) -> Deferred[Reply | None]:
         if session.role is Role.SUBMISSION and not session.may_relay:
@@ -79,7 +75,6 @@ class Reception:
                 size=message.size,
                 count=len(envelope.rcpt_to),
             )
-            self.on_queued(queue_id)
             return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
         def failed(failure: Failure) -> Reply:

@@ -124,7 +124,7 @@ def make_service(cfg: configuration.Config, reactor: object = global_reactor) ->
         reactor,  # type: ignore[arg-type]
     )
     transports.spool = spool
-    reception = Reception(spool, cfg.relay, on_queued=manager.wake)
+    reception = Reception(spool, cfg.relay)
     spool.subscribe(manager.wake)
     SpoolRecovery(spool, manager.scan).setServiceParent(top)
     manager.setServiceParent(top)
