@@ -26,10 +26,10 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from twisted.internet import defer, reactor  # noqa: E402
+from twisted.internet import defer, reactor
 
-from gateway.model import Envelope, Recipient, Session  # noqa: E402
-from gateway.queue.spool import DirectorySpool  # noqa: E402
+from gateway.model import Envelope, Recipient, Session
+from gateway.queue.spool import DirectorySpool
 
 ENVELOPE = Envelope("sender@example.org", (Recipient("rcpt@example.com"),))
 SESSION = Session("192.0.2.1", 40000, helo="client.example.org")
@@ -76,8 +76,12 @@ def run(path: str, args: argparse.Namespace, fsync: bool) -> defer.Deferred[dict
             "remove": args.remove,
             "commits_per_s": round(args.messages / wall, 1),
             "mean_commit_latency_ms": round(1000 * state["latency"] / args.messages, 3),
-            "reactor_cpu_us_per_commit": round(1e6 * (time.thread_time() - clocks["thread"]) / args.messages, 1),
-            "process_cpu_us_per_commit": round(1e6 * (time.process_time() - clocks["process"]) / args.messages, 1),
+            "reactor_cpu_us_per_commit": round(
+                1e6 * (time.thread_time() - clocks["thread"]) / args.messages, 1
+            ),
+            "process_cpu_us_per_commit": round(
+                1e6 * (time.process_time() - clocks["process"]) / args.messages, 1
+            ),
             "batches": stats.batches,
             "ops_per_batch": round(stats.operations / max(1, stats.batches), 2),
             "dir_fsyncs_per_commit": round(stats.dir_syncs / args.messages, 3) if fsync else 0,
@@ -108,7 +112,9 @@ def main(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--size", type=int, default=10 * 1024)

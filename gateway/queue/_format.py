@@ -61,7 +61,7 @@ def session_fields(session: Session) -> dict[str, Any]:
 
 
 def dumps(message: QueuedMessage, version: int, session: dict[str, Any] | None = None) -> bytes:
-    """The envelope file's bytes for a message (UTF-8 JSON, one key per line)."""
+    """The envelope file's bytes for a message (UTF-8 JSON on one line)."""
     envelope = message.envelope
     document: dict[str, Any] = {
         "format": FORMAT,
@@ -95,7 +95,8 @@ def dumps(message: QueuedMessage, version: int, session: dict[str, Any] | None =
     }
     if session is not None:
         document["session"] = session
-    return json.dumps(document, ensure_ascii=False, indent=1).encode("utf-8") + b"\n"
+    # one line: indent= would switch json to its pure-Python encoder (5x slower)
+    return json.dumps(document, ensure_ascii=False).encode("utf-8") + b"\n"
 
 
 def loads(data: bytes, state: str) -> tuple[QueuedMessage, int, dict[str, Any] | None]:

@@ -174,7 +174,9 @@ def test_update_records_recipient_states_and_moves_between_states(case: SpoolCas
         message,
         recipients=(
             attrs.evolve(first, status=RecipientStatus.DELIVERED, attempts=1, last_reply="250 2.0.0 Ok"),
-            attrs.evolve(second, attempts=1, last_reply="451 4.7.1 try later", relay="mx.example.net[192.0.2.9]:25"),
+            attrs.evolve(
+                second, attempts=1, last_reply="451 4.7.1 try later", relay="mx.example.net[192.0.2.9]:25"
+            ),
         ),
         attempts=1,
         next_attempt=1234567.5,

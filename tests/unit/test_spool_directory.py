@@ -46,7 +46,9 @@ def make_spool(tmp_path: Path, reactor: PumpedReactor) -> Iterator[Factory]:
         reactor.wait(spools[-1].stop())
 
 
-def store(reactor: PumpedReactor, spool: DirectorySpool, content: bytes = b"Subject: x\r\n\r\nbody\r\n") -> str:
+def store(
+    reactor: PumpedReactor, spool: DirectorySpool, content: bytes = b"Subject: x\r\n\r\nbody\r\n"
+) -> str:
     message = spool.new_message()
     message.write(content)
     queue_id: str = reactor.wait(message.commit(ENVELOPE, SESSION))
@@ -57,7 +59,9 @@ def files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
-def test_layout_modes_and_a_readable_envelope(tmp_path: Path, reactor: PumpedReactor, make_spool: Factory) -> None:
+def test_layout_modes_and_a_readable_envelope(
+    tmp_path: Path, reactor: PumpedReactor, make_spool: Factory
+) -> None:
     spool = make_spool()
     queue_id = store(reactor, spool)
     x, y = hash_dirs(queue_id, 2)
@@ -93,7 +97,9 @@ def test_hash_levels(tmp_path: Path, reactor: PumpedReactor, make_spool: Factory
         DirectorySpool(str(tmp_path / "other"), reactor=reactor, hash_levels=5)
 
 
-def test_a_cold_spool_reads_what_the_previous_process_wrote(reactor: PumpedReactor, make_spool: Factory) -> None:
+def test_a_cold_spool_reads_what_the_previous_process_wrote(
+    reactor: PumpedReactor, make_spool: Factory
+) -> None:
     spool = make_spool()
     queue_id = store(reactor, spool)
     message = spool.load(queue_id)
@@ -116,7 +122,9 @@ def test_start_creates_a_missing_spool(tmp_path: Path, reactor: PumpedReactor) -
     reactor.wait(spool.stop())
 
 
-def test_a_second_process_cannot_use_the_spool(tmp_path: Path, reactor: PumpedReactor, make_spool: Factory) -> None:
+def test_a_second_process_cannot_use_the_spool(
+    tmp_path: Path, reactor: PumpedReactor, make_spool: Factory
+) -> None:
     make_spool()
     other = DirectorySpool(str(tmp_path / "spool"), reactor=reactor)
     with pytest.raises(SpoolError, match="in use by another process"):
@@ -167,7 +175,9 @@ def test_recover_cleans_up_and_sets_aside_what_it_cannot_read(
     assert not os.path.exists(spool.layout.corrupt_message(garbled))
 
 
-def test_recover_keeps_the_newest_copy_after_a_move_was_cut_short(reactor: PumpedReactor, make_spool: Factory) -> None:
+def test_recover_keeps_the_newest_copy_after_a_move_was_cut_short(
+    reactor: PumpedReactor, make_spool: Factory
+) -> None:
     spool = make_spool()
     queue_id = store(reactor, spool)
     old = Path(spool.layout.envelope("incoming", queue_id)).read_bytes()
@@ -181,7 +191,9 @@ def test_recover_keeps_the_newest_copy_after_a_move_was_cut_short(reactor: Pumpe
     assert spool.load(queue_id).attempts == 1
 
 
-def _failing(calls: list[int], fail_on: Callable[[int], bool], real: Callable[..., Any]) -> Callable[..., Any]:
+def _failing(
+    calls: list[int], fail_on: Callable[[int], bool], real: Callable[..., Any]
+) -> Callable[..., Any]:
     def call(*args: Any) -> Any:
         calls.append(1)
         if fail_on(len(calls)):
@@ -261,7 +273,9 @@ def test_a_failed_update_keeps_the_previous_state(
     ]
 
 
-def test_commits_waiting_for_a_writer_share_directory_fsyncs(reactor: PumpedReactor, make_spool: Factory) -> None:
+def test_commits_waiting_for_a_writer_share_directory_fsyncs(
+    reactor: PumpedReactor, make_spool: Factory
+) -> None:
     spool = make_spool(writer_threads=1)
     committer = spool.committer
     before = (committer.batches, committer.operations, committer.dir_syncs)
@@ -279,7 +293,9 @@ def test_commits_waiting_for_a_writer_share_directory_fsyncs(reactor: PumpedReac
     assert dir_syncs <= 4 * batches  # message/X/Y and incoming/X/Y, per batch (and a second's turn)
 
 
-def test_without_fsync_nothing_is_synced(reactor: PumpedReactor, make_spool: Factory, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_fsync_nothing_is_synced(
+    reactor: PumpedReactor, make_spool: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     spool = make_spool(fsync=False)
     calls: list[int] = []
     monkeypatch.setattr(_committer.os, "fsync", _failing(calls, lambda n: False, os.fsync))
