@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import ssl
+from twisted.internet._sslverify import IOpenSSLTrustRoot
 
 from gateway.config import ConfigError, TlsConfig
 
@@ -71,7 +72,7 @@ def server_context(settings: TlsConfig, hostname: str, state_dir: str) -> ssl.Ce
     except OSError as error:
         raise ConfigError("[tls]", "tls.certificate", f"cannot read {error.filename}: {error.strerror}") from None
     try:
-        private = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
+        private = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)  # type: ignore[no-untyped-call]
         chain = [
             ssl.Certificate.loadPEM(block).original
             for block in _pem_blocks(cert_pem)[1:]
@@ -91,13 +92,13 @@ def _pem_blocks(pem: bytes) -> list[bytes]:
     return [block + marker for block in pem.split(marker) if b"-----BEGIN CERTIFICATE-----" in block]
 
 
-def trust_root(settings: TlsConfig) -> ssl.IOpenSSLTrustRoot:
+def trust_root(settings: TlsConfig) -> IOpenSSLTrustRoot:
     """Trust roots for verifying the servers we deliver to."""
     if not settings.ca_file:
-        return ssl.platformTrust()
+        return ssl.platformTrust()  # type: ignore[no-untyped-call]
     with open(settings.ca_file, "rb") as handle:
         pem = handle.read()
     certs = [ssl.Certificate.loadPEM(block) for block in _pem_blocks(pem)]
     if not certs:
         raise ConfigError("[tls]", "tls.ca_file", f"{settings.ca_file} holds no PEM certificate")
-    return ssl.trustRootFromCertificates(certs)
+    return ssl.trustRootFromCertificates(certs)  # type: ignore[no-untyped-call]

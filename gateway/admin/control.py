@@ -50,9 +50,9 @@ class ControlProtocol(LineOnlyReceiver):
         )
 
     def _failed(self, failure: Failure) -> None:
-        if failure.check(KeyError):
-            self._send({"ok": False, "error": f"no such message: {failure.value.args[0]}"})
-        elif failure.check(ValueError):
+        if failure.check(KeyError):  # type: ignore[no-untyped-call]
+            self._send({"ok": False, "error": f"no such message: {failure.getErrorMessage()}"})
+        elif failure.check(ValueError):  # type: ignore[no-untyped-call]
             self._send({"ok": False, "error": failure.getErrorMessage()})
         else:
             log.failure("control command failed", failure)

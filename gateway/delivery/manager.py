@@ -81,11 +81,11 @@ class QueueManager(Service):
     # --- service ------------------------------------------------------------
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         self._scanner.start(self.settings.queue_scan_interval, now=True)
 
-    def stopService(self) -> Deferred[None] | None:  # type: ignore[override]
-        super().stopService()
+    def stopService(self) -> None:
+        super().stopService()  # type: ignore[no-untyped-call]
         if self._scanner.running:
             self._scanner.stop()
         return None
@@ -187,7 +187,7 @@ class QueueManager(Service):
             message_path=self.spool.message_path(message.queue_id),
             size=message.size,
         )
-        return semaphore.run(transport.deliver, delivery)  # type: ignore[no-any-return]
+        return semaphore.run(transport.deliver, delivery)
 
     @inlineCallbacks
     def _record(self, message: QueuedMessage, results: dict[str, RecipientResult]):  # type: ignore[no-untyped-def]
@@ -274,29 +274,29 @@ class QueueManager(Service):
                 rows.append(describe(message, "active" if queue_id in self.in_flight else state))
         return rows
 
-    def hold(self, queue_id: str) -> Deferred[object]:
+    def hold(self, queue_id: str) -> Deferred[None]:
         if queue_id in self.in_flight:
             self.after_round[queue_id] = "hold"
             return Deferred.fromCoroutine(_done())
         message = self.spool.load(queue_id)
         self._forget(queue_id)
-        return self.spool.update(attrs.evolve(message, state="hold"))  # type: ignore[no-any-return]
+        return self.spool.update(attrs.evolve(message, state="hold"))
 
-    def release(self, queue_id: str) -> Deferred[object]:
+    def release(self, queue_id: str) -> Deferred[None]:
         message = self.spool.load(queue_id)
         if message.state != "hold":
             raise ValueError(f"{queue_id} is not on hold (it is {message.state})")
-        d: Deferred[object] = self.spool.update(attrs.evolve(message, state="deferred", next_attempt=0.0))
+        d = self.spool.update(attrs.evolve(message, state="deferred", next_attempt=0.0))
         d.addCallback(lambda _: self.wake(queue_id))
         return d
 
-    def delete(self, queue_id: str) -> Deferred[object]:
+    def delete(self, queue_id: str) -> Deferred[None]:
         if queue_id in self.in_flight:
             self.after_round[queue_id] = "delete"
             return Deferred.fromCoroutine(_done())
         self.spool.load(queue_id)  # KeyError if unknown
         self._forget(queue_id)
-        return self.spool.remove(queue_id)  # type: ignore[no-any-return]
+        return self.spool.remove(queue_id)
 
     def flush(self, queue_id: str | None = None) -> int:
         """Deliver deferred mail now (one message, or all). Returns how many were woken."""
