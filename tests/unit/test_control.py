@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+import tempfile
 import threading
 
 from twisted.internet.defer import succeed
@@ -30,7 +32,9 @@ class DeferringTransport:
 
 class ControlTests(TestCase):
     def setUp(self) -> None:
-        self.spool = MemorySpool(directory=self.mktemp())
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        self.spool = MemorySpool(directory=directory)
         self.manager = QueueManager(self.spool, Router(()), lambda route: DeferringTransport(),
                                     lambda m, f: succeed(None), DeliveryConfig(), Clock())
         self.spool.subscribe(self.manager.wake)
