@@ -31,7 +31,7 @@ def make_self_signed(hostname: str, directory: str) -> tuple[str, str]:
         return cert_path, key_path
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     certificate = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -70,15 +70,16 @@ def server_context(settings: TlsConfig, hostname: str, state_dir: str) -> ssl.Ce
         with open(key_path, "rb") as handle:
             key_pem = handle.read()
     except OSError as error:
-        raise ConfigError("[tls]", "tls.certificate", f"cannot read {error.filename}: {error.strerror}") from None
+        raise ConfigError(
+            "[tls]", "tls.certificate", f"cannot read {error.filename}: {error.strerror}"
+        ) from None
     try:
         private = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)  # type: ignore[no-untyped-call]
-        chain = [
-            ssl.Certificate.loadPEM(block).original
-            for block in _pem_blocks(cert_pem)[1:]
-        ]
+        chain = [ssl.Certificate.loadPEM(block).original for block in _pem_blocks(cert_pem)[1:]]
     except Exception as error:  # pyOpenSSL raises several kinds for bad PEM
-        raise ConfigError("[tls]", "tls.certificate", f"{cert_path}: not a usable PEM certificate and key: {error}") from None
+        raise ConfigError(
+            "[tls]", "tls.certificate", f"{cert_path}: not a usable PEM certificate and key: {error}"
+        ) from None
     return ssl.CertificateOptions(
         privateKey=private.privateKey.original,
         certificate=private.original,

@@ -52,8 +52,7 @@ def call(socket_path: str, request: dict[str, Any], timeout: float = 30.0) -> An
                 reply += chunk
     except (FileNotFoundError, ConnectionRefusedError):
         raise CommandError(
-            f"the gateway is not running (no control socket at {socket_path}); "
-            "start it with: twistd mailgate"
+            f"the gateway is not running (no control socket at {socket_path}); start it with: twistd mailgate"
         ) from None
     except PermissionError:
         raise CommandError(f"permission denied on {socket_path}: run as root or the gateway's user") from None
@@ -78,7 +77,10 @@ def print_queue(rows: list[dict[str, Any]]) -> None:
     if not rows:
         print("Mail queue is empty")
         return
-    print(f"{'-Queue ID-':<24} {'-State-':<9} {'--Size--':>9} {'----Arrival Time----':<20} -Sender/Recipient-------")
+    print(
+        f"{'-Queue ID-':<24} {'-State-':<9} {'--Size--':>9} {'----Arrival Time----':<20} "
+        "-Sender/Recipient-------"
+    )
     total = 0
     for row in rows:
         if row["state"] == "corrupt":
@@ -86,7 +88,9 @@ def print_queue(rows: list[dict[str, Any]]) -> None:
             continue
         total += int(row["size"])
         sender = row["sender"] or "MAILER-DAEMON"
-        print(f"{row['queue_id']:<24} {row['state']:<9} {row['size']:>9} {_when(row['arrived']):<20} {sender}")
+        print(
+            f"{row['queue_id']:<24} {row['state']:<9} {row['size']:>9} {_when(row['arrived']):<20} {sender}"
+        )
         for recipient in row["recipients"]:
             if recipient["status"] != "pending":
                 continue
@@ -135,7 +139,9 @@ def passwd(user: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailgatectl", description="Operate a running MailGate gateway.")
-    parser.add_argument("-c", "--config", help=f"the configuration file (default {DEFAULT_CONFIG} if present)")
+    parser.add_argument(
+        "-c", "--config", help=f"the configuration file (default {DEFAULT_CONFIG} if present)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     queue = commands.add_parser("queue", help="list and manage the mail queue")
     actions = queue.add_subparsers(dest="action", required=True)

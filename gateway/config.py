@@ -218,7 +218,7 @@ class _Reader:
         value = self.table.pop(key, default)
         parsed = _parse_duration(value)
         if parsed is None:
-            raise self.error(key, f"must be a duration like 300, \"300s\", \"8m\", \"1h\", not {value!r}")
+            raise self.error(key, f'must be a duration like 300, "300s", "8m", "1h", not {value!r}')
         return parsed
 
     def size(self, key: str, default: int) -> int:
@@ -227,7 +227,7 @@ class _Reader:
             return value
         match = _SIZE.match(value) if isinstance(value, str) else None
         if not match:
-            raise self.error(key, f"must be a size like 104857600 or \"100M\", not {value!r}")
+            raise self.error(key, f'must be a size like 104857600 or "100M", not {value!r}')
         return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
 
     def positive(self, key: str, default: int) -> int:
@@ -313,7 +313,7 @@ def _network(reader: _Reader, key: str, text: str) -> ipaddress.IPv4Network | ip
     try:
         return ipaddress.ip_network(text, strict=False)
     except ValueError:
-        raise reader.error(key, f"{text!r} is not an IP network (like \"192.168.0.0/16\")") from None
+        raise reader.error(key, f'{text!r} is not an IP network (like "192.168.0.0/16")') from None
 
 
 def _check_endpoint(reader: _Reader, key: str, endpoint: str) -> None:
@@ -374,12 +374,10 @@ def parse(text: str, source: str = "<config>", *, base_dir: str | None = None) -
         listener = _Reader(source, text, raw, f"smtp.listeners[{number}]")
         endpoint = listener.take("endpoint", str, "")
         if not endpoint:
-            raise listener.error("endpoint", "is required (like \"tcp:25\")")
+            raise listener.error("endpoint", 'is required (like "tcp:25")')
         _check_endpoint(listener, "endpoint", endpoint)
         role = listener.choice("role", tuple(r.value for r in Role), "inbound")
-        listeners.append(
-            ListenerConfig(endpoint, Role(role), listener.take("require_tls", bool, False))
-        )
+        listeners.append(ListenerConfig(endpoint, Role(role), listener.take("require_tls", bool, False)))
         listener.done()
     smtp = SmtpConfig(
         listeners=tuple(listeners),
@@ -414,8 +412,7 @@ def parse(text: str, source: str = "<config>", *, base_dir: str | None = None) -
     relay = RelayConfig(
         domains=tuple(d.lower().rstrip(".") for d in section.strings("domains")),
         networks=tuple(
-            _network(section, "networks", n)
-            for n in section.strings("networks", ("127.0.0.0/8", "::1/128"))
+            _network(section, "networks", n) for n in section.strings("networks", ("127.0.0.0/8", "::1/128"))
         ),
     )
     section.done()
@@ -427,10 +424,10 @@ def parse(text: str, source: str = "<config>", *, base_dir: str | None = None) -
         route = _Reader(source, text, raw, f"routes[{number}]")
         match = route.take("match", str, "")
         if not match:
-            raise route.error("match", "is required (a domain, \"*.domain\" or \"*\")")
+            raise route.error("match", 'is required (a domain, "*.domain" or "*")')
         transport = route.take("transport", str, "")
         if not transport:
-            raise route.error("transport", "is required (like \"mx\" or \"smtp:[10.0.0.5]:25\")")
+            raise route.error("transport", 'is required (like "mx" or "smtp:[10.0.0.5]:25")')
         _check_transport(route, "transport", transport)
         if transport.startswith("maildir:"):
             target = transport[len("maildir:") :]
@@ -535,4 +532,3 @@ def _show(value: object) -> object:
     if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
         return str(value)
     return value
-

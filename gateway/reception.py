@@ -61,9 +61,7 @@ class Reception:
         )
         return succeed(Reply(554, "5.7.1", f"<{recipient.address}>: {RELAY_DENIED}"))
 
-    def accept(
-        self, session: Session, envelope: Envelope, message: IIncomingMessage
-    ) -> Deferred[Reply]:
+    def accept(self, session: Session, envelope: Envelope, message: IIncomingMessage) -> Deferred[Reply]:
         queue_id = message.queue_id
         committed: Deferred[str] = message.commit(envelope, session)
 

@@ -24,12 +24,12 @@ from twisted.python.threadpool import ThreadPool
 
 from gateway import config as configuration
 from gateway.admin.control import ControlFactory
+from gateway.certificates import server_context
 from gateway.delivery.manager import QueueManager
 from gateway.delivery.router import Router
 from gateway.delivery.transports import Transports
 from gateway.queue.spool import DirectorySpool
 from gateway.reception import Reception
-from gateway.certificates import server_context
 from gateway.smtp.auth import CredentialsError, FileCredentials
 from gateway.smtp.server import SmtpServerFactory
 

@@ -145,16 +145,22 @@ class QueueManager(Service):
         groups = self._group(pending)
         results: dict[str, RecipientResult] = {}
         outcomes = yield DeferredList(
-            [self._deliver(message, route, destination, recipients) for (route, destination), recipients in groups.items()],
+            [
+                self._deliver(message, route, destination, recipients)
+                for (route, destination), recipients in groups.items()
+            ],
             consumeErrors=True,
         )
-        for (ok, value), ((route, destination), recipients) in zip(outcomes, groups.items(), strict=True):
+        for (ok, value), ((route, _destination), recipients) in zip(outcomes, groups.items(), strict=True):
             if ok:
                 for result in value:
                     results[result.recipient.address] = result
             else:
                 log.failure(
-                    "{queue_id}: transport {transport} failed", value, queue_id=queue_id, transport=route.spec.text
+                    "{queue_id}: transport {transport} failed",
+                    value,
+                    queue_id=queue_id,
+                    transport=route.spec.text,
                 )
                 for recipient in recipients:
                     results[recipient.address] = RecipientResult(
@@ -211,12 +217,15 @@ class QueueManager(Service):
                 reply = f"{reply} (gave up after {attempts} attempts)"
             else:
                 status, word = RecipientStatus.PENDING, "deferred"
-            new = attrs.evolve(state, status=status, attempts=state.attempts + 1, last_reply=reply, relay=result.relay)
+            new = attrs.evolve(
+                state, status=status, attempts=state.attempts + 1, last_reply=reply, relay=result.relay
+            )
             states.append(new)
             if status is RecipientStatus.FAILED:
                 newly_failed.append(new)
             log.info(
-                "{queue_id}: to=<{rcpt}>, relay={relay}, delay={delay:.2f}, attempts={attempts}, status={word} ({reply})",
+                "{queue_id}: to=<{rcpt}>, relay={relay}, delay={delay:.2f}, attempts={attempts}, "
+                "status={word} ({reply})",
                 queue_id=message.queue_id,
                 rcpt=state.recipient.address,
                 relay=result.relay,
@@ -300,7 +309,9 @@ class QueueManager(Service):
 
     def flush(self, queue_id: str | None = None) -> int:
         """Deliver deferred mail now (one message, or all). Returns how many were woken."""
-        ids = [queue_id] if queue_id else list(self.spool.list("deferred")) + list(self.spool.list("incoming"))
+        ids = (
+            [queue_id] if queue_id else list(self.spool.list("deferred")) + list(self.spool.list("incoming"))
+        )
         for each in ids:
             message = self.spool.load(each)
             if message.state == "hold":

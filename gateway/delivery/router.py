@@ -60,7 +60,7 @@ _HOSTPORT = re.compile(r"^(?:\[(?P<literal>[^\]]+)\]|(?P<name>[A-Za-z0-9.\-]+))(
 def parse_host_port(text: str, default_port: int) -> HostPort:
     match = _HOSTPORT.match(text.strip())
     if not match:
-        raise TransportSpecError(f"{text!r} is not a host: use \"[host]:port\" or \"[192.0.2.1]:25\"")
+        raise TransportSpecError(f'{text!r} is not a host: use "[host]:port" or "[192.0.2.1]:25"')
     port = int(match.group("port") or default_port)
     if not 0 < port < 65536:
         raise TransportSpecError(f"port {port} is out of range")
@@ -80,7 +80,7 @@ def parse_transport(spec: str) -> TransportSpec:
     if spec.startswith("maildir:"):
         path = spec[len("maildir:") :]
         if not path:
-            raise TransportSpecError("maildir: needs a directory, like \"maildir:/var/mail/{local}/\"")
+            raise TransportSpecError('maildir: needs a directory, like "maildir:/var/mail/{local}/"')
         return TransportSpec("maildir", path=path)
     if spec.startswith("lmtp:unix:"):
         return TransportSpec("lmtp", path=spec[len("lmtp:unix:") :])

@@ -42,8 +42,18 @@ class GatewayProcess:
     def start(self, timeout: float = 20.0) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "twisted", "--log-format", "text", "--reactor", "epoll", "mailgate",
-             "--config", self.config_path],
+            [
+                sys.executable,
+                "-m",
+                "twisted",
+                "--log-format",
+                "text",
+                "--reactor",
+                "epoll",
+                "mailgate",
+                "--config",
+                self.config_path,
+            ],
             cwd=self.directory,
             env=self.env,
             stdout=log,
@@ -86,11 +96,16 @@ class GatewayProcess:
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [sys.executable, "-m", "gateway.cli", "--config", self.config_path, *args],
-            cwd=self.directory, env=self.env, capture_output=True, text=True, timeout=60,
+            cwd=self.directory,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         if check and result.returncode != 0:
-            raise AssertionError(f"mailgatectl {' '.join(args)} failed ({result.returncode}):\n"
-                                 f"{result.stdout}{result.stderr}")
+            raise AssertionError(
+                f"mailgatectl {' '.join(args)} failed ({result.returncode}):\n{result.stdout}{result.stderr}"
+            )
         return result
 
     def wait_for_log(self, needle: str, timeout: float = 20.0) -> str:
@@ -124,8 +139,9 @@ def wait_until(predicate: object, timeout: float = 20.0, interval: float = 0.1) 
 
 
 def swaks(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["swaks", "--hide-informational", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        ["swaks", "--hide-informational", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 __all__: Sequence[str] = ["GatewayProcess", "free_port", "maildir_messages", "swaks", "wait_until"]

@@ -63,12 +63,12 @@ def test_every_default_in_the_code_is_documented_in_the_example() -> None:
 
 
 def test_unknown_key_names_file_line_and_key() -> None:
-    error = error_of("[gateway]\nhostname = \"a\"\n\n[smtp]\nmax_recipient = 5\n")
+    error = error_of('[gateway]\nhostname = "a"\n\n[smtp]\nmax_recipient = 5\n')
     assert str(error).startswith("test.toml, line 5: smtp.max_recipient: unknown key")
 
 
 def test_wrong_type_names_file_line_and_key() -> None:
-    error = error_of("[delivery]\nconcurrency = \"many\"\n")
+    error = error_of('[delivery]\nconcurrency = "many"\n')
     assert str(error) == "test.toml, line 2: delivery.concurrency: must be an integer, not a string"
 
 
@@ -86,7 +86,10 @@ def test_bad_endpoint_is_reported_on_its_listener() -> None:
 
 
 def test_bad_transport_is_reported_on_its_route() -> None:
-    text = '[[routes]]\nmatch = "*"\ntransport = "mx"\n[[routes]]\nmatch = "a.example"\ntransport = "carrier-pigeon"\n'
+    text = (
+        '[[routes]]\nmatch = "*"\ntransport = "mx"\n'
+        '[[routes]]\nmatch = "a.example"\ntransport = "carrier-pigeon"\n'
+    )
     error = error_of(text)
     assert error.key == "routes[1].transport"
     assert error.line == 6
@@ -103,8 +106,11 @@ def test_bad_network_and_role_and_duration() -> None:
 
 
 def test_durations_and_sizes_with_units() -> None:
-    cfg = config.parse('[smtp]\nidle_timeout = "5m"\nmax_message_size = "10M"\n[delivery]\n'
-                       'retry_schedule = ["5m", "1h", 30]\n', "t.toml")
+    cfg = config.parse(
+        '[smtp]\nidle_timeout = "5m"\nmax_message_size = "10M"\n[delivery]\n'
+        'retry_schedule = ["5m", "1h", 30]\n',
+        "t.toml",
+    )
     assert cfg.smtp.idle_timeout == 300
     assert cfg.smtp.max_message_size == 10 * 1024 * 1024
     assert cfg.delivery.retry_schedule == (300.0, 3600.0, 30.0)
@@ -133,8 +139,10 @@ def test_relative_paths_are_relative_to_the_file(tmp_path: os.PathLike[str]) -> 
 
 
 def test_non_defaults_lists_only_what_was_changed() -> None:
-    cfg = config.parse('[gateway]\nhostname = "h.example"\nstate_dir = "/var/lib/mailgate"\n'
-                       '[smtp]\nmax_recipients = 50\n', "t.toml")
+    cfg = config.parse(
+        '[gateway]\nhostname = "h.example"\nstate_dir = "/var/lib/mailgate"\n[smtp]\nmax_recipients = 50\n',
+        "t.toml",
+    )
     keys = dict(config.non_defaults(cfg))
     assert keys["smtp.max_recipients"] == 50
     assert "smtp.max_hops" not in keys

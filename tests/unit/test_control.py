@@ -27,7 +27,9 @@ class DeferringTransport:
     name = "test"
 
     def deliver(self, delivery):  # type: ignore[no-untyped-def]
-        return succeed([RecipientResult(r, 451, "4.4.1", "connection refused", "none") for r in delivery.recipients])
+        return succeed(
+            [RecipientResult(r, 451, "4.4.1", "connection refused", "none") for r in delivery.recipients]
+        )
 
 
 class ControlTests(TestCase):
@@ -35,13 +37,21 @@ class ControlTests(TestCase):
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory)
         self.spool = MemorySpool(directory=directory)
-        self.manager = QueueManager(self.spool, Router(()), lambda route: DeferringTransport(),
-                                    lambda m, f: succeed(None), DeliveryConfig(), Clock())
+        self.manager = QueueManager(
+            self.spool,
+            Router(()),
+            lambda route: DeferringTransport(),
+            lambda m, f: succeed(None),
+            DeliveryConfig(),
+            Clock(),
+        )
         self.spool.subscribe(self.manager.wake)
         incoming = self.spool.new_message()
         incoming.write(b"Subject: hello\r\nFrom: a@b.test\r\n\r\nbody\r\n")
         ids: list[str] = []
-        incoming.commit(Envelope("a@b.test", (Recipient("c@d.test"),)), Session("192.0.2.1")).addCallback(ids.append)
+        incoming.commit(Envelope("a@b.test", (Recipient("c@d.test"),)), Session("192.0.2.1")).addCallback(
+            ids.append
+        )
         self.queue_id = ids[0]
         self.transport = StringTransport()
         self.protocol = ControlFactory(self.manager, self.spool).buildProtocol(None)

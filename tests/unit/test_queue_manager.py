@@ -66,12 +66,19 @@ class QueueManagerTests(TestCase):
         self.clock.advance(1_000_000)
         self.spool = MemorySpool(now=self.clock.seconds)
         self.bounced: list[tuple[QueuedMessage, list[RecipientState]]] = []
-        self.settings = DeliveryConfig(retry_schedule=(60.0, 300.0), max_attempts=4, queue_scan_interval=15.0,
-                                       concurrency=2, per_destination=1)
+        self.settings = DeliveryConfig(
+            retry_schedule=(60.0, 300.0),
+            max_attempts=4,
+            queue_scan_interval=15.0,
+            concurrency=2,
+            per_destination=1,
+        )
         self.replies: dict[str, int] = {}
         self.transports: dict[str, ScriptedTransport] = {}
         router = Router((RouteConfig("internal.test", "smtp:[192.0.2.10]:25"), RouteConfig("*", "mx")))
-        self.manager = QueueManager(self.spool, router, self.transport_for, self.bounce, self.settings, self.clock)
+        self.manager = QueueManager(
+            self.spool, router, self.transport_for, self.bounce, self.settings, self.clock
+        )
         self.spool.subscribe(self.manager.wake)
         self.manager.startService()
         self.addCleanup(self.manager.stopService)
@@ -109,10 +116,13 @@ class QueueManagerTests(TestCase):
     def test_recipients_are_grouped_by_route_and_by_domain_for_mx(self) -> None:
         self.enqueue("a@internal.test", "b@internal.test", "c@one.test", "d@two.test", "e@one.test")
         fixed = self.transports["smtp:[192.0.2.10]:25"].deliveries
-        self.assertEqual([[r.address for r in d.recipients] for d in fixed], [["a@internal.test", "b@internal.test"]])
+        self.assertEqual(
+            [[r.address for r in d.recipients] for d in fixed], [["a@internal.test", "b@internal.test"]]
+        )
         mx = self.transports["mx"].deliveries
         self.assertEqual(
-            sorted([r.address for r in d.recipients] for d in mx), [["c@one.test", "e@one.test"], ["d@two.test"]]
+            sorted([r.address for r in d.recipients] for d in mx),
+            [["c@one.test", "e@one.test"], ["d@two.test"]],
         )
 
     def test_transient_failure_defers_then_retries_on_schedule(self) -> None:
@@ -215,8 +225,13 @@ class QueueManagerTests(TestCase):
 
     def test_scan_picks_up_incoming_left_from_before_a_restart(self) -> None:
         spool = self.spool
-        message = QueuedMessage(spool.new_message().queue_id, Envelope("a@b.test", (Recipient("x@internal.test"),)),
-                                (RecipientState(Recipient("x@internal.test")),), arrived=0, size=10)
+        message = QueuedMessage(
+            spool.new_message().queue_id,
+            Envelope("a@b.test", (Recipient("x@internal.test"),)),
+            (RecipientState(Recipient("x@internal.test")),),
+            arrived=0,
+            size=10,
+        )
         spool.messages[message.queue_id] = message
         spool.contents[message.queue_id] = b"x"
         self.manager.scan()
@@ -228,4 +243,3 @@ class QueueManagerTests(TestCase):
         [row] = self.manager.summary()
         self.assertEqual((row["queue_id"], row["state"]), (queue_id, "deferred"))
         self.assertEqual(row["recipients"][0]["last_reply"], "451 4.0.0 scripted")  # type: ignore[index]
-

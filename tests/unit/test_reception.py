@@ -53,8 +53,11 @@ class ReceptionTests(TestCase):
     def test_accept_answers_250_only_after_commit(self) -> None:
         message = self.reception.new_message(Session("10.0.0.5"))
         message.write(b"Subject: x\r\n\r\nbody\r\n")
-        reply = result(self.reception.accept(Session("10.0.0.5"), Envelope("a@b.test", (Recipient("c@example.com"),)),
-                                             message))
+        reply = result(
+            self.reception.accept(
+                Session("10.0.0.5"), Envelope("a@b.test", (Recipient("c@example.com"),)), message
+            )
+        )
         self.assertEqual(reply.code, 250)  # type: ignore[attr-defined]
         self.assertIn(message.queue_id, reply.text)  # type: ignore[attr-defined]
         self.assertIn(message.queue_id, self.spool.messages)

@@ -22,8 +22,12 @@ def test_host_without_brackets_means_mx_lookup_and_default_port() -> None:
 
 @pytest.mark.parametrize(
     ("text", "kind", "path"),
-    [("mx", "mx", ""), ("relay", "relay", ""), ("lmtp:unix:/run/lmtp", "lmtp", "/run/lmtp"),
-     ("maildir:/var/mail/{local}/", "maildir", "/var/mail/{local}/")],
+    [
+        ("mx", "mx", ""),
+        ("relay", "relay", ""),
+        ("lmtp:unix:/run/lmtp", "lmtp", "/run/lmtp"),
+        ("maildir:/var/mail/{local}/", "maildir", "/var/mail/{local}/"),
+    ],
 )
 def test_other_kinds(text: str, kind: str, path: str) -> None:
     spec = parse_transport(text)
@@ -35,8 +39,9 @@ def test_lmtp_tcp_default_port() -> None:
     assert parse_transport("lmtp:[10.0.0.7]").hosts == (HostPort("10.0.0.7", 24),)
 
 
-@pytest.mark.parametrize("bad", ["", "smtp:", "smtp:[x", "smtp:[a]:99999", "uucp:peer", "smtp:[a]:25, [b]:25",
-                                 "maildir:"])
+@pytest.mark.parametrize(
+    "bad", ["", "smtp:", "smtp:[x", "smtp:[a]:99999", "uucp:peer", "smtp:[a]:25, [b]:25", "maildir:"]
+)
 def test_bad_specs_are_refused_with_a_reason(bad: str) -> None:
     with pytest.raises(TransportSpecError):
         parse_transport(bad)
