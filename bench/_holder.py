@@ -80,7 +80,13 @@ async def main(args: argparse.Namespace) -> int:
     want = args.sessions + 256
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
+        except (ValueError, OSError):  # raising the hard limit needs CAP_SYS_RESOURCE
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < want:
+            print(f"warning: RLIMIT_NOFILE is {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}, "
+                  f"fewer than the {want} descriptors needed", file=sys.stderr, flush=True)
     sources = [f"127.0.0.{i}" for i in range(1, args.sources + 1)]
     sessions: list[Session] = []
     watchers: list[asyncio.Task[None]] = []

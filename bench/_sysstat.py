@@ -4,7 +4,8 @@
 listen-queue overflow counter. ``compare(before, after, ours)`` gives:
 
 - ``cpu_busy_pct``: busy share of all CPUs (100 = every vCPU busy);
-- ``iowait_pct``;
+- ``iowait_pct``; ``steal_pct`` (time the hypervisor gave to other guests,
+  counted as busy);
 - ``foreign_cpu_pct``: CPU used by user-space processes outside our process
   trees, in % of all CPUs (the same scale as cpu_busy_pct). Kernel threads
   are excluded; processes that started and ended between the two snapshots
@@ -48,13 +49,13 @@ def _read_proc(pid: int) -> Proc | None:
     return Proc(pid, ppid, bool(flags & PF_KTHREAD) or ppid == 2 or pid == 2, cpu, child)
 
 
-def _cpu_totals() -> tuple[float, float, float]:
-    """(busy, iowait, total) jiffies over all CPUs."""
+def _cpu_totals() -> tuple[float, float, float, float]:
+    """(busy, iowait, steal, total) jiffies over all CPUs."""
     with open("/proc/stat") as f:
         fields = [int(x) for x in f.readline().split()[1:]]
     user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
     busy = user + nice + system + irq + softirq + steal
-    return float(busy), float(iowait), float(busy + idle + iowait)
+    return float(busy), float(iowait), float(steal), float(busy + idle + iowait)
 
 
 def _listen_overflows() -> int:
@@ -74,6 +75,7 @@ def _listen_overflows() -> int:
 class Snapshot:
     busy: float = 0.0
     iowait: float = 0.0
+    steal: float = 0.0
     total: float = 0.0
     procs: dict[int, Proc] = field(default_factory=dict)
     overflows: int = 0
@@ -86,8 +88,8 @@ class Snapshot:
                 proc = _read_proc(int(name))
                 if proc is not None:
                     procs[proc.pid] = proc
-        busy, iowait, total = _cpu_totals()
-        return cls(busy, iowait, total, procs, _listen_overflows())
+        busy, iowait, steal, total = _cpu_totals()
+        return cls(busy, iowait, steal, total, procs, _listen_overflows())
 
 
 def descendants(procs: dict[int, Proc], roots: set[int]) -> set[int]:
@@ -120,6 +122,7 @@ def compare(before: Snapshot, after: Snapshot, roots: set[int], named: dict[str,
     result = {
         "cpu_busy_pct": round(100.0 * (after.busy - before.busy) / total, 1),
         "iowait_pct": round(100.0 * (after.iowait - before.iowait) / total, 1),
+        "steal_pct": round(100.0 * (after.steal - before.steal) / total, 1),
         "foreign_cpu_pct": round(100.0 * max(foreign, 0.0) / wall_cpu_seconds, 1),
         "listen_overflows": after.overflows - before.overflows,
     }

@@ -352,6 +352,12 @@ def run_matrix(args: argparse.Namespace, procs: Processes, work: str, out: IO[st
                         result["rep"] = rep
                         report(result, out)
                         results.append(result)
+                    if args.ceiling:
+                        result = measure(procs, os.path.join(work, "cells", cell + "-direct"), "direct",
+                                         SINK_PORT, size, sessions, count, set(), {}, lambda: 0, timeout)
+                        result["rep"] = rep
+                        report(result, out)
+                        results.append(result)
                     if args.only in (None, "gateway"):
                         gw = Gateway(procs, os.path.join(work, "cells", cell + "-gateway"), args.python)
                         try:
@@ -462,7 +468,7 @@ def report(result: dict[str, Any], out: IO[str] | None) -> None:
     print(f"# {result['target']:8} {result['size']:>6} B x{result['sessions']:>3}: "
           f"accepted {result['accepted_per_s']:7.1f}/s  delivered {result['delivered_per_s']:7.1f}/s  "
           f"({result['completed']} sent, {result['delivered']} at sink, {result['queue_left']} left)  "
-          f"cpu={result['cpu_busy_pct']}% foreign={result['foreign_cpu_pct']}% "
+          f"cpu={result['cpu_busy_pct']}% steal={result.get('steal_pct')}% foreign={result['foreign_cpu_pct']}% "
           f"overflows={result['listen_overflows']}{extra}", flush=True)
     if result["source_errors"]:
         print(f"#   smtp-source: {' | '.join(result['source_errors'])}", flush=True)
@@ -471,7 +477,7 @@ def report(result: dict[str, Any], out: IO[str] | None) -> None:
 def table(results: list[dict[str, Any]]) -> str:
     cells: dict[tuple[int, int], dict[str, list[dict[str, Any]]]] = {}
     for r in results:
-        if r["target"] in ("postfix", "gateway"):
+        if r["target"] in ("postfix", "gateway", "direct"):
             cells.setdefault((r["size"], r["sessions"]), {}).setdefault(r["target"], []).append(r)
 
     def med(rows: list[dict[str, Any]] | None, key: str) -> float | None:
@@ -484,10 +490,10 @@ def table(results: list[dict[str, Any]]) -> str:
         return "-" if value is None else f"{value:,.{digits}f}"
 
     head = ("size", "sessions", "postfix acc/s", "postfix del/s", "gateway acc/s", "gateway del/s",
-            "ratio del", "CPU% pf/gw", "foreign% pf/gw")
+            "ratio del", "CPU% pf/gw", "foreign% pf/gw", "ceiling/s")
     rows = [head]
     for (size, sessions), by in sorted(cells.items()):
-        pf, gw = by.get("postfix"), by.get("gateway")
+        pf, gw, direct = by.get("postfix"), by.get("gateway"), by.get("direct")
         pf_del, gw_del = med(pf, "delivered_per_s"), med(gw, "delivered_per_s")
         ratio = (gw_del / pf_del) if (pf_del and gw_del is not None) else None
         rows.append((
@@ -496,6 +502,7 @@ def table(results: list[dict[str, Any]]) -> str:
             fmt(ratio, 2),
             f"{fmt(med(pf, 'cpu_busy_pct'))}/{fmt(med(gw, 'cpu_busy_pct'))}",
             f"{fmt(worst(pf, 'foreign_cpu_pct'), 1)}/{fmt(worst(gw, 'foreign_cpu_pct'), 1)}",
+            fmt(med(direct, "delivered_per_s")),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
@@ -518,6 +525,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--count-large", type=int, default=2000, help="messages per cell for sizes of 64 KB and more")
     p.add_argument("--reps", type=int, default=1, help="repetitions of the whole matrix (outer loop); medians")
     p.add_argument("--only", choices=("gateway", "postfix"), help="run one side only")
+    p.add_argument("--ceiling", action="store_true",
+                   help="also measure smtp-source straight into smtp-sink (the load generator's ceiling today)")
     p.add_argument("--hold", type=int, default=0, help="hold this many sessions open against the gateway")
     p.add_argument("--hold-only", action="store_true", help="skip the matrix, run only --hold")
     p.add_argument("--hold-sources", type=int, default=4, help="source addresses 127.0.0.1..K for held sessions")
