@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import resource
 import socket
 import sys
@@ -85,8 +86,12 @@ async def main(args: argparse.Namespace) -> int:
         except (ValueError, OSError):  # raising the hard limit needs CAP_SYS_RESOURCE
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < want:
-            print(f"warning: RLIMIT_NOFILE is {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}, "
-                  f"fewer than the {want} descriptors needed", file=sys.stderr, flush=True)
+            print(
+                f"warning: RLIMIT_NOFILE is {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}, "
+                f"fewer than the {want} descriptors needed",
+                file=sys.stderr,
+                flush=True,
+            )
     sources = [f"127.0.0.{i}" for i in range(1, args.sources + 1)]
     sessions: list[Session] = []
     watchers: list[asyncio.Task[None]] = []
@@ -99,9 +104,10 @@ async def main(args: argparse.Namespace) -> int:
         nonlocal failed
         async with gate:
             try:
-                session = await open_session(args.host, args.port, sources[index % len(sources)],
-                                             args.helo, args.timeout)
-            except (OSError, ConnectionError, asyncio.TimeoutError) as error:
+                session = await open_session(
+                    args.host, args.port, sources[index % len(sources)], args.helo, args.timeout
+                )
+            except (TimeoutError, OSError, ConnectionError) as error:
                 failed += 1
                 key = type(error).__name__ + ": " + str(error)[:80]
                 errors[key] = errors.get(key, 0) + 1
@@ -128,10 +134,8 @@ async def main(args: argparse.Namespace) -> int:
         break  # "quit" or end of input
     for session in sessions:
         if not session.closed and session.writer is not None:
-            try:
+            with contextlib.suppress(OSError, RuntimeError):
                 session.writer.write(b"QUIT\r\n")
-            except (OSError, RuntimeError):
-                pass
     await asyncio.sleep(1.0)
     for session in sessions:
         if session.writer is not None:
@@ -142,7 +146,9 @@ async def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=2527)
     parser.add_argument("--sessions", type=int, default=10000)

@@ -20,6 +20,7 @@ default), so Postfix runs with its durability on.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -103,8 +104,12 @@ class PostfixInstance:
     def create(self) -> None:
         for sub in ("etc", "queue", "data", "log"):
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
-        values = {"root": self.root, "port": self.port, "sink_port": self.sink_port,
-                  "process_limit": self.process_limit}
+        values = {
+            "root": self.root,
+            "port": self.port,
+            "sink_port": self.sink_port,
+            "process_limit": self.process_limit,
+        }
         with open(os.path.join(self.etc, "main.cf"), "w") as f:
             f.write(MAIN_CF.format(**values))
         with open(os.path.join(self.etc, "master.cf"), "w") as f:
@@ -114,7 +119,9 @@ class PostfixInstance:
         self._postfix("check")
 
     def _postfix(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(["postfix", "-c", self.etc, *args], capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            ["postfix", "-c", self.etc, *args], capture_output=True, text=True, timeout=60
+        )
         if check and result.returncode != 0:
             raise PostfixError(f"postfix {' '.join(args)}: exit {result.returncode}: {result.stderr.strip()}")
         return result
@@ -156,10 +163,8 @@ class PostfixInstance:
         while pid is not None and os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
             time.sleep(0.1)
         if pid is not None and os.path.exists(f"/proc/{pid}"):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         self.started = False
 
     def queue_count(self) -> int:

@@ -40,7 +40,7 @@ def _read_proc(pid: int) -> Proc | None:
             data = f.read()
     except OSError:
         return None
-    rest = data[data.rindex(")") + 2:].split()
+    rest = data[data.rindex(")") + 2 :].split()
     # fields after "comm": state(0) ppid(1) ... flags(6) ... utime(11) stime(12) cutime(13) cstime(14)
     ppid = int(rest[1])
     flags = int(rest[6])
@@ -64,9 +64,9 @@ def _listen_overflows() -> int:
             lines = f.read().splitlines()
     except OSError:
         return 0
-    for names, values in zip(lines[::2], lines[1::2]):
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
         if names.startswith("TcpExt:"):
-            table = dict(zip(names.split()[1:], values.split()[1:]))
+            table = dict(zip(names.split()[1:], values.split()[1:], strict=False))
             return int(table.get("ListenOverflows", 0))
     return 0
 
@@ -108,7 +108,9 @@ def descendants(procs: dict[int, Proc], roots: set[int]) -> set[int]:
     return found
 
 
-def compare(before: Snapshot, after: Snapshot, roots: set[int], named: dict[str, int] | None = None) -> dict[str, float]:
+def compare(
+    before: Snapshot, after: Snapshot, roots: set[int], named: dict[str, int] | None = None
+) -> dict[str, float]:
     """The usage between two snapshots; `roots` are the tops of our process trees."""
     total = max(after.total - before.total, 1.0)
     ours = descendants(before.procs, roots) | descendants(after.procs, roots)

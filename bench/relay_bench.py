@@ -35,6 +35,7 @@ end, also on error or Ctrl-C. Needs root (Postfix instance, smtp-sink -u).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -101,25 +102,21 @@ class Processes:
         self.running.append(proc)
         return proc
 
-    def stop(self, proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+    def stop(
+        self, proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 15.0
+    ) -> int | None:
         if proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                pass
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 proc.wait(10)
         else:  # its children may still be around in its group
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
         if proc in self.running:
             self.running.remove(proc)
         return proc.returncode
@@ -156,11 +153,12 @@ class Sink:
 
     def __init__(self, procs: Processes, directory: str) -> None:
         self.path = os.path.join(directory, "sink-counter.out")
-        self._out = open(self.path, "wb")
-        self._in = open(self.path, "rb")
+        self._out = open(self.path, "wb")  # noqa: SIM115 (closed in stop())
+        self._in = open(self.path, "rb")  # noqa: SIM115
         self.proc = procs.start(
             ["smtp-sink", "-4", "-c", "-u", "nobody", f"{HOST}:{SINK_PORT}", "1024"],
-            stdout=self._out, stderr=subprocess.STDOUT,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
         )
         self.procs = procs
         wait_banner(SINK_PORT, 10, self.proc)
@@ -180,8 +178,24 @@ class Sink:
 
 
 def source_argv(port: int, size: int, sessions: int, count: int) -> list[str]:
-    return ["smtp-source", "-4", "-c", "-s", str(sessions), "-m", str(count), "-l", str(size),
-            "-M", HELO, "-f", SENDER, "-t", RECIPIENT, f"{HOST}:{port}"]
+    return [
+        "smtp-source",
+        "-4",
+        "-c",
+        "-s",
+        str(sessions),
+        "-m",
+        str(count),
+        "-l",
+        str(size),
+        "-M",
+        HELO,
+        "-f",
+        SENDER,
+        "-t",
+        RECIPIENT,
+        f"{HOST}:{port}",
+    ]
 
 
 def last_counter(path: str) -> int:
@@ -205,11 +219,24 @@ class Gateway:
         with open(self.config, "w") as f:
             f.write(GATEWAY_CONFIG.format(state=self.state, port=GATEWAY_PORT, sink_port=SINK_PORT))
         env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self._log = open(self.log, "wb")
+        self._log = open(self.log, "wb")  # noqa: SIM115 (closed in stop())
         self.proc = procs.start(
-            [python, "-m", "twisted", "--reactor", "epoll", "--log-format", "text", "mailgate",
-             "--config", self.config],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=directory, env=env,
+            [
+                python,
+                "-m",
+                "twisted",
+                "--reactor",
+                "epoll",
+                "--log-format",
+                "text",
+                "mailgate",
+                "--config",
+                self.config,
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=directory,
+            env=env,
         )
         self.procs = procs
         self.pid = self.proc.pid
@@ -242,9 +269,21 @@ class Gateway:
 # --- one measurement ----------------------------------------------------------------
 
 
-def measure(procs: Processes, cell_dir: str, target: str, port: int, size: int, sessions: int, count: int,
-            roots: set[int], named: dict[str, int], queue_count: Any, timeout: float,
-            memory_pid: int | None = None, profile: str | None = None) -> dict[str, Any]:
+def measure(
+    procs: Processes,
+    cell_dir: str,
+    target: str,
+    port: int,
+    size: int,
+    sessions: int,
+    count: int,
+    roots: set[int],
+    named: dict[str, int],
+    queue_count: Any,
+    timeout: float,
+    memory_pid: int | None = None,
+    profile: str | None = None,
+) -> dict[str, Any]:
     """One smtp-source run into `port`; the relay delivers to a fresh smtp-sink."""
     os.makedirs(cell_dir, exist_ok=True)
     sink = Sink(procs, cell_dir)
@@ -259,9 +298,23 @@ def measure(procs: Processes, cell_dir: str, target: str, port: int, size: int, 
             started = time.monotonic()
             source = procs.start(source_argv(port, size, sessions, count), stdout=out, stderr=err)
         if profile and memory_pid:
-            profiler = procs.start(["py-spy", "record", "--nonblocking", "--pid", str(memory_pid),
-                                    "--format", "raw", "--rate", "200", "-o", profile],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            profiler = procs.start(
+                [
+                    "py-spy",
+                    "record",
+                    "--nonblocking",
+                    "--pid",
+                    str(memory_pid),
+                    "--format",
+                    "raw",
+                    "--rate",
+                    "200",
+                    "-o",
+                    profile,
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         source_done = delivered_at = None
         delivered = 0
         rss_max = 0
@@ -303,14 +356,20 @@ def measure(procs: Processes, cell_dir: str, target: str, port: int, size: int, 
             time.sleep(0.2)
             left = queue_count()
         result: dict[str, Any] = {
-            "target": target, "size": size, "sessions": sessions, "count": count,
-            "completed": completed, "delivered": sink.count(),
+            "target": target,
+            "size": size,
+            "sessions": sessions,
+            "count": count,
+            "completed": completed,
+            "delivered": sink.count(),
             "source_seconds": round(source_done - started, 3),
             "deliver_seconds": round(delivered_at - started, 3),
             "accepted_per_s": round(completed / max(source_done - started, 1e-9), 1),
             "delivered_per_s": round(min(delivered, count) / max(delivered_at - started, 1e-9), 1),
-            "queue_left": left, "source_exit": source.returncode,
-            "source_errors": source_errors[-3:], **usage,
+            "queue_left": left,
+            "source_exit": source.returncode,
+            "source_errors": source_errors[-3:],
+            **usage,
         }
         if memory_pid:
             result["rss_max_kib"] = rss_max
@@ -329,8 +388,9 @@ def count_for(args: argparse.Namespace, size: int) -> int:
     return args.count_large if size >= 65536 else args.count
 
 
-def run_matrix(args: argparse.Namespace, procs: Processes, work: str, out: IO[str] | None,
-               results: list[dict[str, Any]]) -> None:
+def run_matrix(
+    args: argparse.Namespace, procs: Processes, work: str, out: IO[str] | None, results: list[dict[str, Any]]
+) -> None:
     postfix = None
     if args.only in (None, "postfix"):
         postfix = PostfixInstance(os.path.join(work, "postfix"), POSTFIX_PORT, SINK_PORT, args.process_limit)
@@ -346,25 +406,58 @@ def run_matrix(args: argparse.Namespace, procs: Processes, work: str, out: IO[st
                     if postfix is not None:
                         master = postfix.master_pid()
                         roots = {master} if master else set()
-                        result = measure(procs, os.path.join(work, "cells", cell + "-postfix"), "postfix",
-                                         POSTFIX_PORT, size, sessions, count, roots, {"postfix": master or 0},
-                                         postfix.queue_count, timeout)
+                        result = measure(
+                            procs,
+                            os.path.join(work, "cells", cell + "-postfix"),
+                            "postfix",
+                            POSTFIX_PORT,
+                            size,
+                            sessions,
+                            count,
+                            roots,
+                            {"postfix": master or 0},
+                            postfix.queue_count,
+                            timeout,
+                        )
                         result["rep"] = rep
                         report(result, out)
                         results.append(result)
                     if args.ceiling:
-                        result = measure(procs, os.path.join(work, "cells", cell + "-direct"), "direct",
-                                         SINK_PORT, size, sessions, count, set(), {}, lambda: 0, timeout)
+                        result = measure(
+                            procs,
+                            os.path.join(work, "cells", cell + "-direct"),
+                            "direct",
+                            SINK_PORT,
+                            size,
+                            sessions,
+                            count,
+                            set(),
+                            {},
+                            lambda: 0,
+                            timeout,
+                        )
                         result["rep"] = rep
                         report(result, out)
                         results.append(result)
                     if args.only in (None, "gateway"):
                         gw = Gateway(procs, os.path.join(work, "cells", cell + "-gateway"), args.python)
                         try:
-                            profile = (os.path.join(args.profile, f"{cell}.txt") if args.profile else None)
-                            result = measure(procs, gw.directory, "gateway", GATEWAY_PORT, size, sessions, count,
-                                             {gw.pid}, {"gateway": gw.pid}, gw.queue_count, timeout,
-                                             memory_pid=gw.pid, profile=profile)
+                            profile = os.path.join(args.profile, f"{cell}.txt") if args.profile else None
+                            result = measure(
+                                procs,
+                                gw.directory,
+                                "gateway",
+                                GATEWAY_PORT,
+                                size,
+                                sessions,
+                                count,
+                                {gw.pid},
+                                {"gateway": gw.pid},
+                                gw.queue_count,
+                                timeout,
+                                memory_pid=gw.pid,
+                                profile=profile,
+                            )
                             result["gateway_alive"] = gw.alive()
                             result["rep"] = rep
                         finally:
@@ -388,13 +481,26 @@ def run_hold(args: argparse.Namespace, procs: Processes, work: str, out: IO[str]
     holder = None
     try:
         idle = proc_memory(gw.pid)
-        print(f"# hold: gateway pid {gw.pid} idle VmRSS {idle['VmRSS']} KiB; opening {args.hold} sessions",
-              flush=True)
+        print(
+            f"# hold: gateway pid {gw.pid} idle VmRSS {idle['VmRSS']} KiB; opening {args.hold} sessions",
+            flush=True,
+        )
         started = time.monotonic()
         holder = procs.start(
-            [sys.executable, os.path.join(HERE, "_holder.py"), "--port", str(GATEWAY_PORT),
-             "--sessions", str(args.hold), "--sources", str(args.hold_sources)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+            [
+                sys.executable,
+                os.path.join(HERE, "_holder.py"),
+                "--port",
+                str(GATEWAY_PORT),
+                "--sessions",
+                str(args.hold),
+                "--sources",
+                str(args.hold_sources),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
         )
         assert holder.stdout is not None and holder.stdin is not None
         held_line = ""
@@ -410,31 +516,51 @@ def run_hold(args: argparse.Namespace, procs: Processes, work: str, out: IO[str]
         time.sleep(2.0)
         at_hold = proc_memory(gw.pid)
         fds = open_fds(gw.pid)
-        print(f"# hold: {held['open']} open, {held['failed']} failed in {open_seconds:.1f} s; "
-              f"gateway VmRSS {at_hold['VmRSS']} KiB, {fds} fds", flush=True)
+        print(
+            f"# hold: {held['open']} open, {held['failed']} failed in {open_seconds:.1f} s; "
+            f"gateway VmRSS {at_hold['VmRSS']} KiB, {fds} fds",
+            flush=True,
+        )
         size, sessions, count = args.hold_size, args.hold_flow_sessions, args.hold_count
-        flow = measure(procs, os.path.join(directory, "flow"), "gateway-hold", GATEWAY_PORT, size, sessions, count,
-                       {gw.pid, holder.pid}, {"gateway": gw.pid}, gw.queue_count, max(120.0, count / 20.0),
-                       memory_pid=gw.pid, profile=os.path.join(args.profile, "hold.txt") if args.profile else None)
+        flow = measure(
+            procs,
+            os.path.join(directory, "flow"),
+            "gateway-hold",
+            GATEWAY_PORT,
+            size,
+            sessions,
+            count,
+            {gw.pid, holder.pid},
+            {"gateway": gw.pid},
+            gw.queue_count,
+            max(120.0, count / 20.0),
+            memory_pid=gw.pid,
+            profile=os.path.join(args.profile, "hold.txt") if args.profile else None,
+        )
         holder.stdin.write("check\n")
         holder.stdin.flush()
         alive_line = holder.stdout.readline()
         alive = dict(kv.split("=") for kv in alive_line.split()[1:]) if alive_line.startswith("alive") else {}
         final = proc_memory(gw.pid)
         result = {
-            "target": "gateway-hold", "held_requested": args.hold, "held_open": int(held["open"]),
-            "held_failed": int(held["failed"]), "open_seconds": round(open_seconds, 1),
+            "target": "gateway-hold",
+            "held_requested": args.hold,
+            "held_open": int(held["open"]),
+            "held_failed": int(held["failed"]),
+            "open_seconds": round(open_seconds, 1),
             "held_alive_after_flow": int(alive.get("open", -1)),
-            "idle_vmrss_kib": idle["VmRSS"], "hold_vmrss_kib": at_hold["VmRSS"], "gateway_fds": fds,
-            "final_vmrss_kib": final["VmRSS"], "vmhwm_kib": final["VmHWM"],
-            "flow": flow, "gateway_alive": gw.alive(),
+            "idle_vmrss_kib": idle["VmRSS"],
+            "hold_vmrss_kib": at_hold["VmRSS"],
+            "gateway_fds": fds,
+            "final_vmrss_kib": final["VmRSS"],
+            "vmhwm_kib": final["VmHWM"],
+            "flow": flow,
+            "gateway_alive": gw.alive(),
         }
         holder.stdin.write("quit\n")
         holder.stdin.flush()
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             holder.wait(30)
-        except subprocess.TimeoutExpired:
-            pass
         report(result, out)
         return result
     finally:
@@ -452,24 +578,34 @@ def report(result: dict[str, Any], out: IO[str] | None) -> None:
         out.flush()
     if result["target"] == "gateway-hold":
         flow = result["flow"]
-        print(f"# HOLD {result['held_open']}/{result['held_requested']} sessions open "
-              f"(failed {result['held_failed']}, still open after the flow: {result['held_alive_after_flow']}); "
-              f"gateway VmRSS idle {result['idle_vmrss_kib'] / 1024:.0f} MiB, holding "
-              f"{result['hold_vmrss_kib'] / 1024:.0f} MiB, VmHWM {result['vmhwm_kib'] / 1024:.0f} MiB; "
-              f"flow {flow['sessions']} sessions x {flow['size']} B: accepted {flow['accepted_per_s']:.0f}/s, "
-              f"delivered {flow['delivered_per_s']:.0f}/s ({flow['delivered']}/{flow['count']}, "
-              f"spool left {flow['queue_left']}), CPU {flow['cpu_busy_pct']}%, "
-              f"foreign {flow['foreign_cpu_pct']}%", flush=True)
+        print(
+            f"# HOLD {result['held_open']}/{result['held_requested']} sessions open "
+            f"(failed {result['held_failed']}, "
+            f"still open after the flow: {result['held_alive_after_flow']}); "
+            f"gateway VmRSS idle {result['idle_vmrss_kib'] / 1024:.0f} MiB, holding "
+            f"{result['hold_vmrss_kib'] / 1024:.0f} MiB, VmHWM {result['vmhwm_kib'] / 1024:.0f} MiB; "
+            f"flow {flow['sessions']} sessions x {flow['size']} B: accepted {flow['accepted_per_s']:.0f}/s, "
+            f"delivered {flow['delivered_per_s']:.0f}/s ({flow['delivered']}/{flow['count']}, "
+            f"spool left {flow['queue_left']}), CPU {flow['cpu_busy_pct']}%, "
+            f"foreign {flow['foreign_cpu_pct']}%",
+            flush=True,
+        )
         return
     extra = ""
     if result["target"] == "gateway":
-        extra = (f" gw_cpu={result.get('gateway_cpu_pct_1core', '?')}%/core"
-                 f" hwm={result.get('vmhwm_kib', 0) / 1024:.0f}MiB")
-    print(f"# {result['target']:8} {result['size']:>6} B x{result['sessions']:>3}: "
-          f"accepted {result['accepted_per_s']:7.1f}/s  delivered {result['delivered_per_s']:7.1f}/s  "
-          f"({result['completed']} sent, {result['delivered']} at sink, {result['queue_left']} left)  "
-          f"cpu={result['cpu_busy_pct']}% steal={result.get('steal_pct')}% foreign={result['foreign_cpu_pct']}% "
-          f"overflows={result['listen_overflows']}{extra}", flush=True)
+        extra = (
+            f" gw_cpu={result.get('gateway_cpu_pct_1core', '?')}%/core"
+            f" hwm={result.get('vmhwm_kib', 0) / 1024:.0f}MiB"
+        )
+    print(
+        f"# {result['target']:8} {result['size']:>6} B x{result['sessions']:>3}: "
+        f"accepted {result['accepted_per_s']:7.1f}/s  delivered {result['delivered_per_s']:7.1f}/s  "
+        f"({result['completed']} sent, {result['delivered']} at sink, {result['queue_left']} left)  "
+        f"cpu={result['cpu_busy_pct']}% steal={result.get('steal_pct')}% "
+        f"foreign={result['foreign_cpu_pct']}% "
+        f"overflows={result['listen_overflows']}{extra}",
+        flush=True,
+    )
     if result["source_errors"]:
         print(f"#   smtp-source: {' | '.join(result['source_errors'])}", flush=True)
 
@@ -489,23 +625,39 @@ def table(results: list[dict[str, Any]]) -> str:
     def fmt(value: float | None, digits: int = 0) -> str:
         return "-" if value is None else f"{value:,.{digits}f}"
 
-    head = ("size", "sessions", "postfix acc/s", "postfix del/s", "gateway acc/s", "gateway del/s",
-            "ratio del", "CPU% pf/gw", "foreign% pf/gw", "ceiling/s")
+    head = (
+        "size",
+        "sessions",
+        "postfix acc/s",
+        "postfix del/s",
+        "gateway acc/s",
+        "gateway del/s",
+        "ratio del",
+        "CPU% pf/gw",
+        "foreign% pf/gw",
+        "ceiling/s",
+    )
     rows = [head]
     for (size, sessions), by in sorted(cells.items()):
         pf, gw, direct = by.get("postfix"), by.get("gateway"), by.get("direct")
         pf_del, gw_del = med(pf, "delivered_per_s"), med(gw, "delivered_per_s")
         ratio = (gw_del / pf_del) if (pf_del and gw_del is not None) else None
-        rows.append((
-            f"{size // 1024} KB", str(sessions),
-            fmt(med(pf, "accepted_per_s")), fmt(pf_del), fmt(med(gw, "accepted_per_s")), fmt(gw_del),
-            fmt(ratio, 2),
-            f"{fmt(med(pf, 'cpu_busy_pct'))}/{fmt(med(gw, 'cpu_busy_pct'))}",
-            f"{fmt(worst(pf, 'foreign_cpu_pct'), 1)}/{fmt(worst(gw, 'foreign_cpu_pct'), 1)}",
-            fmt(med(direct, "delivered_per_s")),
-        ))
+        rows.append(
+            (
+                f"{size // 1024} KB",
+                str(sessions),
+                fmt(med(pf, "accepted_per_s")),
+                fmt(pf_del),
+                fmt(med(gw, "accepted_per_s")),
+                fmt(gw_del),
+                fmt(ratio, 2),
+                f"{fmt(med(pf, 'cpu_busy_pct'))}/{fmt(med(gw, 'cpu_busy_pct'))}",
+                f"{fmt(worst(pf, 'foreign_cpu_pct'), 1)}/{fmt(worst(gw, 'foreign_cpu_pct'), 1)}",
+                fmt(med(direct, "delivered_per_s")),
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=False)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -519,17 +671,30 @@ def int_list(text: str) -> list[int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=int_list, default=[1024, 10240, 102400], help="message sizes (smtp-source -l)")
-    p.add_argument("--sessions", type=int_list, default=[1, 20, 200], help="concurrent sessions (smtp-source -s)")
+    p.add_argument(
+        "--sizes", type=int_list, default=[1024, 10240, 102400], help="message sizes (smtp-source -l)"
+    )
+    p.add_argument(
+        "--sessions", type=int_list, default=[1, 20, 200], help="concurrent sessions (smtp-source -s)"
+    )
     p.add_argument("--count", type=int, default=5000, help="messages per cell (sizes under 64 KB)")
-    p.add_argument("--count-large", type=int, default=2000, help="messages per cell for sizes of 64 KB and more")
-    p.add_argument("--reps", type=int, default=1, help="repetitions of the whole matrix (outer loop); medians")
+    p.add_argument(
+        "--count-large", type=int, default=2000, help="messages per cell for sizes of 64 KB and more"
+    )
+    p.add_argument(
+        "--reps", type=int, default=1, help="repetitions of the whole matrix (outer loop); medians"
+    )
     p.add_argument("--only", choices=("gateway", "postfix"), help="run one side only")
-    p.add_argument("--ceiling", action="store_true",
-                   help="also measure smtp-source straight into smtp-sink (the load generator's ceiling today)")
+    p.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="also measure smtp-source straight into smtp-sink (the load generator's ceiling today)",
+    )
     p.add_argument("--hold", type=int, default=0, help="hold this many sessions open against the gateway")
     p.add_argument("--hold-only", action="store_true", help="skip the matrix, run only --hold")
-    p.add_argument("--hold-sources", type=int, default=4, help="source addresses 127.0.0.1..K for held sessions")
+    p.add_argument(
+        "--hold-sources", type=int, default=4, help="source addresses 127.0.0.1..K for held sessions"
+    )
     p.add_argument("--hold-size", type=int, default=10240)
     p.add_argument("--hold-flow-sessions", type=int, default=20)
     p.add_argument("--hold-count", type=int, default=5000)
@@ -537,7 +702,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--python", default=sys.executable, help="the Python that runs the gateway")
     p.add_argument("--base", default=tempfile.gettempdir(), help="where the run's fresh work directory goes")
     p.add_argument("--out", help="append one JSON line per measurement to this file")
-    p.add_argument("--profile", help="directory: record a py-spy profile (raw stacks) of the gateway per cell")
+    p.add_argument(
+        "--profile", help="directory: record a py-spy profile (raw stacks) of the gateway per cell"
+    )
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     args = p.parse_args(argv)
     if args.hold_only and not args.hold:
@@ -561,10 +728,13 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     work = tempfile.mkdtemp(prefix="relaybench-", dir=args.base)
     os.chmod(work, 0o755)  # Postfix's daemons (user postfix) must reach their queue below it
-    print(f"# work directory {work}; {os.cpu_count()} CPUs; sizes {args.sizes} sessions {args.sessions} "
-          f"count {args.count}/{args.count_large}", flush=True)
+    print(
+        f"# work directory {work}; {os.cpu_count()} CPUs; sizes {args.sizes} sessions {args.sessions} "
+        f"count {args.count}/{args.count_large}",
+        flush=True,
+    )
     procs = Processes()
-    out = open(args.out, "a") if args.out else None
+    out = open(args.out, "a") if args.out else None  # noqa: SIM115 (closed in finally)
     results: list[dict[str, Any]] = []
     try:
         if not args.hold_only:
