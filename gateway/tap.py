@@ -20,14 +20,13 @@ from twisted.internet import reactor as global_reactor
 from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.python.threadpool import ThreadPool
 
 from gateway import config as configuration
 from gateway.admin.control import ControlFactory
 from gateway.certificates import server_context
 from gateway.delivery.manager import QueueManager
 from gateway.delivery.router import Router
-from gateway.delivery.transports import Transports
+from gateway.delivery.transports import ThreadPoolService, Transports
 from gateway.queue.spool import DirectorySpool
 from gateway.reception import Reception
 from gateway.smtp.auth import CredentialsError, FileCredentials
@@ -161,21 +160,6 @@ def make_service(cfg: configuration.Config, reactor: object = global_reactor) ->
     control._raiseSynchronously = True
     control.setServiceParent(top)
     return top
-
-
-class ThreadPoolService(Service):
-    """A dedicated, bounded thread pool started and stopped with the gateway."""
-
-    def __init__(self, name: str, size: int) -> None:
-        self.pool = ThreadPool(minthreads=0, maxthreads=size, name=name)
-
-    def startService(self) -> None:
-        super().startService()
-        self.pool.start()
-
-    def stopService(self) -> None:  # type: ignore[override]
-        super().stopService()
-        self.pool.stop()
 
 
 class SpoolRecovery(Service):
