@@ -164,6 +164,7 @@ def domain_matches(domain: str, patterns: tuple[str, ...]) -> bool:
 EMBEDDED_DEFAULTS = """
 [gateway]
 state_dir = "mailgate-state"
+user = ""  # a demo on a high port: stay who started it (a config file defaults to "nobody")
 
 [[smtp.listeners]]
 endpoint = "tcp:2525:interface=127.0.0.1"

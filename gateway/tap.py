@@ -93,6 +93,13 @@ def drop_privileges(cfg: configuration.Config) -> None:
         gid = grp.getgrnam(cfg.gateway.group).gr_gid if cfg.gateway.group else user.pw_gid
     except KeyError as error:
         raise SystemExit(f"mailgate: gateway.user/group: no such user or group: {error.args[0]}") from None
+    blocked = unreachable_parent(cfg.gateway.state_dir, user.pw_uid, gid)
+    if blocked:
+        raise SystemExit(
+            f"mailgate: gateway.user {user.pw_name} cannot reach gateway.state_dir {cfg.gateway.state_dir}: "
+            f"{blocked} is not searchable by it; choose a state_dir under a directory it can enter "
+            '(like /var/lib/mailgate), or set gateway.user = "" to keep running as root'
+        )
     for top, dirs, files in os.walk(cfg.gateway.state_dir):
         for name in [top, *(os.path.join(top, d) for d in dirs), *(os.path.join(top, f) for f in files)]:
             st = os.lstat(name)
@@ -104,6 +111,28 @@ def drop_privileges(cfg: configuration.Config) -> None:
     os.setgid(gid)
     os.setuid(user.pw_uid)
     log.info("running as {user} (uid {uid})", user=user.pw_name, uid=user.pw_uid)
+
+
+def unreachable_parent(path: str, uid: int, gid: int) -> str | None:
+    """The first directory above `path` that `uid`/`gid` may not enter, if any."""
+    parent = os.path.dirname(os.path.abspath(path))
+    chain = []
+    while True:
+        chain.append(parent)
+        if parent == os.path.dirname(parent):
+            break
+        parent = os.path.dirname(parent)
+    for directory in reversed(chain):
+        st = os.stat(directory)
+        if st.st_uid == uid:
+            bit = 0o100
+        elif st.st_gid == gid:
+            bit = 0o010
+        else:
+            bit = 0o001
+        if not st.st_mode & bit:
+            return directory
+    return None
 
 
 def make_service(cfg: configuration.Config, reactor: object = global_reactor) -> MultiService:

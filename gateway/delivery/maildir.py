@@ -23,7 +23,7 @@ from zope.interface import implementer
 from gateway.interfaces import ITransport
 from gateway.model import Delivery, Recipient, RecipientResult
 
-_UNSAFE = re.compile(r"[^a-z0-9.+_=-]")
+_UNSAFE = re.compile(r"[^\w.+=-]")  # \w: letters of any script, digits, _
 
 
 def safe_part(text: str) -> str:
@@ -96,8 +96,10 @@ class MaildirTransport:
             with open(delivery.message_path, "rb") as handle:
                 content = handle.read()
         except OSError as error:
-            return [self._failed(r, 451, "4.3.0", f"cannot read the queued message: {error.strerror}")
-                    for r in delivery.recipients]
+            return [
+                self._failed(r, 451, "4.3.0", f"cannot read the queued message: {error.strerror}")
+                for r in delivery.recipients
+            ]
         results = []
         return_path = f"Return-Path: <{delivery.envelope.mail_from}>\r\n".encode()
         for recipient in delivery.recipients:
@@ -107,12 +109,18 @@ class MaildirTransport:
                 final = _write_into(directory, self._names.next(), [header, content])
             except OSError as error:
                 # a full disk or a permission problem is ours to fix: keep the mail and retry
-                results.append(self._failed(recipient, 451, "4.3.0",
-                                            f"cannot write to {directory}: {error.strerror}"))
+                results.append(
+                    self._failed(recipient, 451, "4.3.0", f"cannot write to {directory}: {error.strerror}")
+                )
                 continue
             results.append(
-                RecipientResult(recipient, 250, "2.0.0", f"delivered to maildir ({os.path.basename(final)})",
-                                f"maildir:{directory}")
+                RecipientResult(
+                    recipient,
+                    250,
+                    "2.0.0",
+                    f"delivered to maildir ({os.path.basename(final)})",
+                    f"maildir:{directory}",
+                )
             )
         return results
 

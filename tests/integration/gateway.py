@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -11,7 +12,25 @@ import textwrap
 import time
 from collections.abc import Sequence
 
+import pytest
+
+# what a user types: the twistd beside this Python
+TWISTD = [
+    sys.executable,
+    "-c",
+    "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
+]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def require(program: str) -> None:
+    """A test needing `program` fails in CI when it is missing, and skips elsewhere."""
+    if shutil.which(program) or os.path.exists(f"/usr/sbin/{program}"):
+        return
+    message = f"{program} is not installed (run .ci/install-test-deps)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -43,13 +62,9 @@ class GatewayProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
         self.process = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "twisted",
-                "--log-format",
-                "text",
-                "--reactor",
-                "epoll",
+                *TWISTD,
+                "-n",
+                "--pidfile=",
                 "mailgate",
                 "--config",
                 self.config_path,
@@ -144,4 +159,4 @@ def swaks(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     )
 
 
-__all__: Sequence[str] = ["GatewayProcess", "free_port", "maildir_messages", "swaks", "wait_until"]
+__all__: Sequence[str] = ["GatewayProcess", "free_port", "maildir_messages", "require", "swaks", "wait_until"]
