@@ -11,7 +11,7 @@ import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_smtp_server import SETTINGS, Dialogue
+from tests.unit.test_smtp_server import SETTINGS, Dialogue
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import capturedLogs

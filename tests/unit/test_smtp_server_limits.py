@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 import attrs
-from test_smtp_server import BODY, SETTINGS, Dialogue
+from tests.unit.test_smtp_server import BODY, SETTINGS, Dialogue
 from twisted.logger import capturedLogs
 
 from gateway.model import Body, Notify, Recipient, Ret, Role

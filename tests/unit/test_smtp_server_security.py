@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import attrs
 import pytest
-from test_smtp_server import SETTINGS, Dialogue
+from tests.unit.test_smtp_server import SETTINGS, Dialogue
 
 from gateway.smtp._data import DotReader, NewlineChecker
 
