@@ -60,6 +60,7 @@ HOST = "127.0.0.1"
 SINK_PORT = 2526
 POSTFIX_PORT = 2525
 GATEWAY_PORT = 2527
+PY_SPY_EXTRA: list[str] = []  # --profile-gil adds "--gil"
 HELO = "client.bench.test"
 SENDER = "sender@client.bench.test"
 RECIPIENT = "rcpt@dest.bench.test"
@@ -300,7 +301,7 @@ def measure(
         if profile and memory_pid:
             profiler = procs.start(
                 [
-                    "py-spy",
+                    py_spy(),
                     "record",
                     "--nonblocking",
                     "--pid",
@@ -311,6 +312,7 @@ def measure(
                     "200",
                     "-o",
                     profile,
+                    *PY_SPY_EXTRA,
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -379,6 +381,17 @@ def measure(
         if profiler is not None:
             procs.stop(profiler, sig=signal.SIGINT)
         sink.stop()
+
+
+def py_spy() -> str:
+    here = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    return here if os.path.exists(here) else (shutil.which("py-spy") or "py-spy")
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex((HOST, port)) == 0
 
 
 # --- the modes ---------------------------------------------------------------------
@@ -705,6 +718,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--profile", help="directory: record a py-spy profile (raw stacks) of the gateway per cell"
     )
+    p.add_argument(
+        "--profile-gil",
+        action="store_true",
+        help="profile only the thread holding the GIL (Python CPU), not every non-idle thread",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     args = p.parse_args(argv)
     if args.hold_only and not args.hold:
@@ -721,8 +739,16 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             print(f"relay_bench: {tool} not found (apt-get install postfix)", file=sys.stderr)
             return 2
+    busy = [port for port in (POSTFIX_PORT, SINK_PORT, GATEWAY_PORT) if port_in_use(port)]
+    if busy:
+        print(
+            f"relay_bench: something already listens on {HOST} port(s) {busy}: stop it first", file=sys.stderr
+        )
+        return 2
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
+        if args.profile_gil:
+            PY_SPY_EXTRA.append("--gil")
     # SIGTERM/SIGHUP behave like Ctrl-C: unwind through the finally blocks
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
