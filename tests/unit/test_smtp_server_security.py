@@ -84,7 +84,7 @@ def test_unbounded_line_repeated_disconnects() -> None:
 
 
 def test_unbounded_line_in_an_auth_response() -> None:
-    from test_smtp_auth import credentials
+    from tests.unit.test_smtp_auth import credentials
 
     dialogue = Dialogue(attrs.evolve(SETTINGS, auth_requires_tls=False), credentials=credentials())
     dialogue.ehlo()
