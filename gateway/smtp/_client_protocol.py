@@ -19,7 +19,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHandshakeListener,
-    IOpenSSLClientConnectionCreator,
     IPushProducer,
     IReactorTime,
     ITLSTransport,
@@ -68,7 +67,7 @@ class _Waiter:
     deferred: Deferred[Reply]
     stage: str  # "receiving the initial server greeting", for error texts
     timeout: float
-    tls: IOpenSSLClientConnectionCreator | None = None  # start TLS on a 220 to this
+    tls: object = None  # TLS options: start TLS with them on a 220
 
 
 @implementer(IHandshakeListener)
@@ -147,7 +146,7 @@ class ClientProtocol(Protocol):
         """Wait for a reply without sending anything (end of data, LMTP replies)."""
         return self._expect(stage, timeout)
 
-    def starttls(self, options: IOpenSSLClientConnectionCreator, timeout: float) -> Deferred[Reply]:
+    def starttls(self, options: object, timeout: float) -> Deferred[Reply]:
         """STARTTLS; on a 220 the handshake starts before anything else is read."""
         waiter = _Waiter(Deferred(), "receiving the STARTTLS response", timeout, tls=options)
         self._add(waiter)
@@ -214,7 +213,7 @@ class ClientProtocol(Protocol):
             self._generation += 1
             self.tls_started = True
             transport = ITLSTransport(self.transport)
-            transport.startTLS(waiter.tls)
+            transport.startTLS(waiter.tls)  # type: ignore[arg-type]
         waiter.deferred.callback(reply)
 
     def _start_timer(self) -> None:
@@ -230,7 +229,7 @@ class ClientProtocol(Protocol):
         self._timer = None
         self.abort(ClientError(f"conversation with {self.peer} timed out while {stage}"))
         if not self.closed:  # a transport that does not report the abort at once
-            self.connectionLost(Failure(self.error))
+            self.connectionLost(Failure(self.error))  # type: ignore[no-untyped-call]
 
     def _fail(self, text: str) -> None:
         self.abort(ClientError(text, "4.5.0"))
@@ -268,7 +267,7 @@ class MessageSender:
     def start(self) -> Deferred[None]:
         assert self.protocol.transport is not None
         self.protocol.sender = self
-        self.protocol.transport.registerProducer(self, True)
+        self.protocol.transport.registerProducer(self, True)  # type: ignore[attr-defined]
         self._touch()
         self.resumeProducing()
         return self.done
@@ -323,7 +322,7 @@ class MessageSender:
         if self.protocol.sender is self:
             self.protocol.sender = None
             if self.protocol.transport is not None and not self.protocol.closed:
-                self.protocol.transport.unregisterProducer()
+                self.protocol.transport.unregisterProducer()  # type: ignore[attr-defined]
 
     def _touch(self) -> None:
         if self._timer is not None and self._timer.active():

@@ -23,10 +23,11 @@ import enum
 import hashlib
 import hmac
 from collections.abc import Sequence
+from typing import cast
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.python.failure import Failure
 
 from gateway.model import Body, Envelope, Recipient, RecipientResult
 from gateway.smtp._client_protocol import ClientError, ClientProtocol, MessageSender
@@ -141,7 +142,7 @@ class ClientSession:
     async def open(
         self,
         tls_policy: TlsPolicy = TlsPolicy.MAY,
-        tls_options: IOpenSSLClientConnectionCreator | None = None,
+        tls_options: object = None,
         credentials: AuthCredentials | None = None,
     ) -> None:
         """Greeting, EHLO, STARTTLS and AUTH as the policy says; raises SessionFailure."""
@@ -190,7 +191,7 @@ class ClientSession:
             if keyword:
                 self.extensions[keyword.upper()] = parameters.strip()
 
-    async def _starttls(self, policy: TlsPolicy, options: IOpenSSLClientConnectionCreator | None) -> None:
+    async def _starttls(self, policy: TlsPolicy, options: object) -> None:
         required = policy in (TlsPolicy.ENCRYPT, TlsPolicy.VERIFY)
         if "STARTTLS" not in self.extensions or options is None:
             if required:
@@ -463,6 +464,6 @@ async def _all(deferreds: list[Deferred[Reply]]) -> list[Reply]:
     replies: list[Reply] = []
     for ok, value in outcomes:
         if not ok:
-            value.raiseException()
+            cast(Failure, value).raiseException()
         replies.append(value)
     return replies
