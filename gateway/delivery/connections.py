@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import attrs
 from twisted.internet import error as neterror
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, UNIXClientEndpoint
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
@@ -111,14 +111,16 @@ class ConnectionCache:
                 del self._idle[target]
         session.quit()
 
-    def close_all(self) -> None:
-        """QUIT every idle session (on shutdown)."""
+    def close_all(self) -> Deferred[object]:
+        """QUIT every idle session (on shutdown); fires when all are closed."""
         idle, self._idle = self._idle, {}
+        closing: list[Deferred[None]] = []
         for sessions in idle.values():
             for session, timer in sessions:
                 if timer.active():
                     timer.cancel()
-                session.quit()
+                closing.append(session.quit())
+        return DeferredList(closing)  # type: ignore[return-value]
 
     def __len__(self) -> int:
         return sum(len(sessions) for sessions in self._idle.values())
@@ -169,6 +171,8 @@ class Dialer:
         self.cache = cache
         self.tls = tls or ClientTls()
         self.endpoint_for = endpoint_for or self._endpoint
+        self._releasing: set[Deferred[None]] = set()
+        self._live: set[ClientProtocol] = set()  # every open connection, for shutdown
 
     def _endpoint(self, target: Target) -> IStreamClientEndpoint:
         timeout = int(self.settings.connect_timeout)
@@ -188,6 +192,8 @@ class Dialer:
             text = f"connect to {target.relay}: {_connect_reason(error)}"
             raise SessionFailure(451, "4.4.1", text, "none") from None
         assert isinstance(protocol, ClientProtocol)
+        self._live.add(protocol)
+        protocol.when_closed().addCallback(lambda _: self._live.discard(protocol))
         session = ClientSession(
             protocol, self.settings, target.relay, lmtp=target.lmtp, created=self.clock.seconds()
         )
@@ -230,11 +236,22 @@ class Dialer:
             return
 
         def parked(ok: bool) -> None:
+            self._releasing.discard(reset)
             if ok:
                 self.cache.put(target, session)
 
-        reset: Deferred[bool] = ensureDeferred(session.reset())
-        reset.addCallback(parked)
+        reset: Deferred[None] = ensureDeferred(session.reset()).addCallback(parked)
+        self._releasing.add(reset)
+
+    async def close(self) -> None:
+        """Wait for sessions being RSET, then QUIT every cached one (on shutdown)."""
+        await DeferredList(list(self._releasing))
+        await self.cache.close_all()
+        closing = [protocol.when_closed() for protocol in self._live]
+        for protocol in list(self._live):
+            if not protocol.busy:  # a QUIT in flight has its answer coming
+                protocol.abort()
+        await DeferredList(closing)
 
 
 async def deliver_in_turn(

@@ -87,6 +87,7 @@ class ClientProtocol(Protocol):
         self.tls_done = False
         self.error: ClientError | None = None  # why the connection ended, if it did not end cleanly
         self.sender: MessageSender | None = None
+        self._closed_waiters: list[Deferred[None]] = []
         self.greeting = self._expect("receiving the initial server greeting", greeting_timeout)
 
     # -- Twisted callbacks ------------------------------------------------------
@@ -128,6 +129,18 @@ class ClientProtocol(Protocol):
             else:
                 self.error = ClientError(f"lost connection with {self.peer} while {stage}")
         self._fail_all(self.error)
+        waiters, self._closed_waiters = self._closed_waiters, []
+        for deferred in waiters:
+            deferred.callback(None)
+
+    def when_closed(self) -> Deferred[None]:
+        """A Deferred that fires once the connection is closed."""
+        deferred: Deferred[None] = Deferred()
+        if self.closed:
+            deferred.callback(None)
+        else:
+            self._closed_waiters.append(deferred)
+        return deferred
 
     # -- what the session calls ---------------------------------------------------
 

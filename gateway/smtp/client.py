@@ -234,8 +234,8 @@ class ClientSession:
             )
         reply = await self._sasl(mechanism, credentials)
         if reply.code != 235:
-            raise SessionFailure(
-                451 if reply.code < 500 else 535,
+            raise SessionFailure(  # a soft bounce, as Postfix's smtp_sasl_auth_soft_bounce
+                451,
                 "4.7.0",
                 f"SASL authentication failed; server {self.relay} said: {reply}",
                 self.relay,
@@ -438,13 +438,17 @@ class ClientSession:
             return False
         return True
 
-    def quit(self) -> None:
-        """QUIT and close; nothing waits for the answer but a short timer."""
+    def quit(self) -> Deferred[None]:
+        """QUIT and close after the answer (or `quit_timeout`); fires once closed."""
         if self.protocol.closed:
-            return
+            return self.protocol.when_closed()
+        if self.protocol.busy:  # mid-transaction: nothing sensible to say
+            self.protocol.abort()
+            return self.protocol.when_closed()
         reply = self.protocol.command(b"QUIT", "receiving the QUIT response", self.settings.quit_timeout)
         reply.addErrback(lambda _failure: None)
         reply.addBoth(lambda _result: self.protocol.close())
+        return self.protocol.when_closed()
 
     def abort(self) -> None:
         self.protocol.abort()
