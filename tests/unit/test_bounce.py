@@ -81,7 +81,7 @@ def test_report_structure_and_fields(tmp_path: Path) -> None:
     )
     report = bounce(tmp_path, envelope, [(recipient, result)])
     assert report["From"].addresses[0].addr_spec == "MAILER-DAEMON@gw.example"
-    assert report["To"] == "<a@example.org>"
+    assert report["To"].addresses[0].addr_spec == "a@example.org"
     assert report.get_content_type() == "multipart/report"
     assert report.get_param("report-type") == "delivery-status"
     human, status, returned = report.iter_parts()
