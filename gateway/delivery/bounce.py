@@ -24,7 +24,9 @@ FULL_RETURN_LIMIT = 50_000  # like Postfix's bounce_size_limit: bigger messages 
 EXPLICIT_FULL_LIMIT = 10 * 1024 * 1024  # RET=FULL asked for: return it whole up to this size
 HEADER_LIMIT = 256 * 1024  # most header bytes returned
 
-_REPLY = re.compile(r"^(?P<code>[245]\d\d)(?: (?P<enhanced>[245]\.\d{1,3}\.\d{1,3}))?(?: |$)(?P<text>.*)$", re.S)
+_REPLY = re.compile(
+    r"^(?P<code>[245]\d\d)(?: (?P<enhanced>[245]\.\d{1,3}\.\d{1,3}))?(?: |$)(?P<text>.*)$", re.S
+)
 _RELAY_HOST = re.compile(r"^(?P<host>[^\[\s]+)\[[^\]]*\](?::\d+)?$")
 
 Failed = RecipientState | tuple[Recipient, RecipientResult | str]
@@ -53,7 +55,11 @@ def _one_line(text: str) -> str:
 def _normalise(entry: Failed) -> tuple[Recipient, str, str]:
     """(recipient, reply text "550 5.1.1 ...", relay) from either shape of input."""
     if isinstance(entry, RecipientState):
-        return entry.recipient, _one_line(entry.last_reply or "550 5.0.0 delivery failed"), entry.relay or "none"
+        return (
+            entry.recipient,
+            _one_line(entry.last_reply or "550 5.0.0 delivery failed"),
+            entry.relay or "none",
+        )
     recipient, outcome = entry
     if isinstance(outcome, RecipientResult):
         reply = " ".join(p for p in (str(outcome.code), outcome.enhanced, outcome.text) if p)
@@ -169,8 +175,8 @@ def compose_bounce(
     for recipient, reply, relay in entries:
         out += ["", f"Final-Recipient: rfc822; {recipient.address}"]
         if recipient.orcpt and ";" in recipient.orcpt:
-            kind, _, original = recipient.orcpt.partition(";")
-            out.append(f"Original-Recipient: {kind.strip()}; {_one_line(original)}")
+            kind, _, address = recipient.orcpt.partition(";")
+            out.append(f"Original-Recipient: {kind.strip()}; {_one_line(address)}")
         out.append(f"Action: {'delayed' if delayed else 'failed'}")
         out.append(f"Status: {_status(reply, delayed)}")
         remote = _remote_mta(relay)

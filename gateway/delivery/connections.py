@@ -188,7 +188,7 @@ class Dialer:
         factory = _ClientFactory(self.clock, target.relay, self.settings.helo_timeout)
         try:
             protocol = await self.endpoint_for(target).connect(factory)
-        except Exception as error:  # noqa: BLE001 - every connect failure becomes a 4xx text
+        except Exception as error:
             text = f"connect to {target.relay}: {_connect_reason(error)}"
             raise SessionFailure(451, "4.4.1", text, "none") from None
         assert isinstance(protocol, ClientProtocol)
@@ -210,7 +210,9 @@ class Dialer:
             log.info("{relay}: {text}; trying again without TLS", relay=target.relay, text=failure.text)
             return await self.open(target, TlsPolicy.NONE)
 
-    async def attempt(self, target: Target, delivery: Delivery, recipients: Sequence[Recipient]) -> list[Outcome]:
+    async def attempt(
+        self, target: Target, delivery: Delivery, recipients: Sequence[Recipient]
+    ) -> list[Outcome]:
         """One transaction with `target`; raises SessionFailure if it failed as a whole."""
         session = self.cache.take(target)
         if session is not None:

@@ -36,9 +36,7 @@ class LmtpTransport:
         self.name = self.spec.text
         self.dialer = dialer
         self._tcp = (
-            SmtpTransport(
-                TransportSpec("smtp", hosts=self.spec.hosts), dialer, resolver, tls=tls, lmtp=True
-            )
+            SmtpTransport(TransportSpec("smtp", hosts=self.spec.hosts), dialer, resolver, tls=tls, lmtp=True)
             if self.spec.hosts
             else None
         )

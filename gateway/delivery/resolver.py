@@ -165,11 +165,11 @@ class StaticResolver:
         try:
             records = self._records(domain, "MX")
             return succeed(mx_answer(domain, records))  # type: ignore[arg-type]
-        except Exception as error:  # noqa: BLE001 - delivered as the Deferred's failure
+        except Exception as error:
             return fail(error)
 
     def lookup_addresses(self, host: str) -> Deferred[list[str]]:
         try:
             return succeed([str(a) for t in ("A", "AAAA") for a in self._records(host, t)])
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             return fail(error)

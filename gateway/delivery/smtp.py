@@ -57,7 +57,9 @@ def _finish(
 def _dns_failure(recipient: Recipient, error: Exception, what: str) -> RecipientResult:
     """A recipient result for a DNS failure, in Postfix's words."""
     if isinstance(error, NullMX):
-        return RecipientResult(recipient, 556, "5.1.10", f"Domain {what} does not accept mail (nullMX)", "none")
+        return RecipientResult(
+            recipient, 556, "5.1.10", f"Domain {what} does not accept mail (nullMX)", "none"
+        )
     if isinstance(error, NoSuchDomain):
         return RecipientResult(recipient, 550, "5.1.2", f"Host or domain name not found. {error}", "none")
     return RecipientResult(recipient, 451, "4.4.3", f"Host or domain name not found. {error}", "none")
@@ -124,7 +126,9 @@ class MxTransport:
         results: list[RecipientResult | None] = [None] * len(delivery.recipients)
         for domain, indexes in by_domain.items():
             recipients = [delivery.recipients[i] for i in indexes]
-            for i, result in zip(indexes, await self.deliver_domain(domain, delivery, recipients), strict=True):
+            for i, result in zip(
+                indexes, await self.deliver_domain(domain, delivery, recipients), strict=True
+            ):
                 results[i] = result
         return [r for r in results if r is not None]
 
@@ -143,7 +147,8 @@ class MxTransport:
                 break
             addresses = await targets.addresses(host)
             chosen = [
-                Target(host, address, self.port, self.tls) for address in addresses[: self.max_addresses - tried]
+                Target(host, address, self.port, self.tls)
+                for address in addresses[: self.max_addresses - tried]
             ]
             tried += len(chosen)
             await deliver_in_turn(self.dialer, chosen, delivery, recipients, results)

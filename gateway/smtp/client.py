@@ -103,7 +103,9 @@ class SessionFailure(Exception):
 
     @classmethod
     def from_error(cls, error: ClientError, relay: str, *, before_mail: bool = False) -> SessionFailure:
-        return cls(451, error.enhanced, error.text, relay, tls_failed=error.tls_failed, before_mail=before_mail)
+        return cls(
+            451, error.enhanced, error.text, relay, tls_failed=error.tls_failed, before_mail=before_mail
+        )
 
     def result(self, recipient: Recipient) -> RecipientResult:
         return RecipientResult(recipient, self.code, self.enhanced, self.text, self.relay)
@@ -149,7 +151,9 @@ class ClientSession:
         try:
             greeting = await self.protocol.greeting
             if not greeting.is_positive:
-                raise self._refused(greeting, "the initial server greeting", "host {} refused to talk to me: {}")
+                raise self._refused(
+                    greeting, "the initial server greeting", "host {} refused to talk to me: {}"
+                )
             await self._hello()
             if tls_policy is not TlsPolicy.NONE:
                 await self._starttls(tls_policy, tls_options)
@@ -383,11 +387,17 @@ class ClientSession:
                 await self._end_empty_data()
             return [results[i] for i in range(len(recipients))]
         if data_reply is None:
-            data_reply = await self.protocol.command(b"DATA", "receiving the DATA response", settings.data_init_timeout)
+            data_reply = await self.protocol.command(
+                b"DATA", "receiving the DATA response", settings.data_init_timeout
+            )
         if data_reply.code != 354:
             for i in accepted:
                 result = RecipientResult(
-                    recipients[i], data_reply.code, data_reply.enhanced, _said(self.relay, data_reply, "DATA"), self.relay
+                    recipients[i],
+                    data_reply.code,
+                    data_reply.enhanced,
+                    _said(self.relay, data_reply, "DATA"),
+                    self.relay,
                 )
                 results[i] = Outcome(result, data_reply.is_transient)
             return [results[i] for i in range(len(recipients))]
@@ -399,7 +409,9 @@ class ClientSession:
         stage = "receiving the end of data response"
         count = len(accepted) if self.lmtp else 1
         try:
-            final = await _all([self.protocol.expect(stage, settings.data_done_timeout) for _ in range(count)])
+            final = await _all(
+                [self.protocol.expect(stage, settings.data_done_timeout) for _ in range(count)]
+            )
         except ClientError as error:
             # the message was sent; it may have been taken: no other host this round
             error_failure = SessionFailure.from_error(error, self.relay)
@@ -414,7 +426,9 @@ class ClientSession:
             text = _said(self.relay, reply, "end of DATA")
             if reply.is_positive:
                 text = f"{self.relay} said: {reply}"
-            results[i] = Outcome(RecipientResult(recipients[i], reply.code, reply.enhanced, text, self.relay), False)
+            results[i] = Outcome(
+                RecipientResult(recipients[i], reply.code, reply.enhanced, text, self.relay), False
+            )
         return [results[i] for i in range(len(recipients))]
 
     async def _end_empty_data(self) -> None:
@@ -430,7 +444,9 @@ class ClientSession:
         if self.protocol.closed or self.protocol.busy:
             return False
         try:
-            reply = await self.protocol.command(b"RSET", "receiving the RSET response", self.settings.rset_timeout)
+            reply = await self.protocol.command(
+                b"RSET", "receiving the RSET response", self.settings.rset_timeout
+            )
         except ClientError:
             return False
         if not reply.is_positive:

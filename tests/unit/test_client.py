@@ -40,11 +40,11 @@ EHLO_FULL = (
 
 
 @implementer(ITLSTransport)
-class TlsStringTransport(StringTransport):
+class TlsStringTransport(StringTransport):  # type: ignore[misc]
     """A StringTransport that records STARTTLS instead of doing it."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.tls_options: object = None
         self.aborted = False
 
@@ -68,7 +68,8 @@ def failure_of(deferred: Deferred[Any]) -> BaseException:
     results: list[Any] = []
     deferred.addBoth(results.append)
     assert results and isinstance(results[0], Failure), f"expected a failure, got {results}"
-    return results[0].value  # type: ignore[no-any-return]
+    error: BaseException = results[0].value  # type: ignore[assignment]
+    return error
 
 
 class Dialogue:
@@ -77,15 +78,15 @@ class Dialogue:
         self.settings = settings or ClientSettings("gw.test")
         self.protocol = ClientProtocol(self.clock, PEER, self.settings.helo_timeout)
         self.transport = TlsStringTransport()
-        self.protocol.makeConnection(self.transport)
+        self.protocol.makeConnection(self.transport)  # type: ignore[no-untyped-call]
         self.session = ClientSession(self.protocol, self.settings, PEER, lmtp=lmtp)
 
     def server(self, data: bytes) -> None:
         self.protocol.dataReceived(data)
 
     def sent(self) -> bytes:
-        value = self.transport.value()
-        self.transport.clear()
+        value: bytes = self.transport.value()  # type: ignore[no-untyped-call]
+        self.transport.clear()  # type: ignore[no-untyped-call]
         return value
 
     def open(self, ehlo: bytes = EHLO_FULL, policy: TlsPolicy = TlsPolicy.NONE) -> None:
@@ -96,7 +97,7 @@ class Dialogue:
         result_of(opened)
 
     def lose(self) -> None:
-        self.protocol.connectionLost(Failure(ConnectionError("gone")))
+        self.protocol.connectionLost(Failure(ConnectionError("gone")))  # type: ignore[no-untyped-call]
 
 
 def message_file(tmp_path: Path, content: bytes = b"Subject: hi\r\n\r\nbody\r\n") -> str:
@@ -108,7 +109,9 @@ def message_file(tmp_path: Path, content: bytes = b"Subject: hi\r\n\r\nbody\r\n"
 ENVELOPE = Envelope("a@example.org", (Recipient("b@example.net"), Recipient("c@example.net")))
 
 
-def deliver(dialogue: Dialogue, path: str, envelope: Envelope = ENVELOPE, size: int = 100) -> Deferred[list[Outcome]]:
+def deliver(
+    dialogue: Dialogue, path: str, envelope: Envelope = ENVELOPE, size: int = 100
+) -> Deferred[list[Outcome]]:
     return ensureDeferred(dialogue.session.deliver(envelope, envelope.rcpt_to, path, size))
 
 
@@ -267,7 +270,7 @@ def test_tls_handshake_failure_is_reported_as_tls() -> None:
     dialogue = Dialogue()
     opened = ensureDeferred(dialogue.session.open(TlsPolicy.VERIFY, object()))
     dialogue.server(b"220 mx.test\r\n250-mx.test\r\n250 STARTTLS\r\n220 go\r\n")
-    dialogue.protocol.connectionLost(Failure(Exception("certificate verify failed")))
+    dialogue.protocol.connectionLost(Failure(Exception("certificate verify failed")))  # type: ignore[no-untyped-call]
     error = failure_of(opened)
     assert isinstance(error, SessionFailure)
     assert error.tls_failed
@@ -278,9 +281,13 @@ def test_tls_handshake_failure_is_reported_as_tls() -> None:
 # -- AUTH --------------------------------------------------------------------------------
 
 
-def open_with_auth(mechanisms: bytes, credentials: AuthCredentials, tls: bool = True) -> tuple[Dialogue, Deferred[None]]:
+def open_with_auth(
+    mechanisms: bytes, credentials: AuthCredentials, tls: bool = True
+) -> tuple[Dialogue, Deferred[None]]:
     dialogue = Dialogue()
-    opened = ensureDeferred(dialogue.session.open(TlsPolicy.MAY if tls else TlsPolicy.NONE, object(), credentials))
+    opened = ensureDeferred(
+        dialogue.session.open(TlsPolicy.MAY if tls else TlsPolicy.NONE, object(), credentials)
+    )
     dialogue.server(b"220 mx.test\r\n")
     if tls:
         dialogue.server(b"250-mx.test\r\n250 STARTTLS\r\n220 go\r\n")
@@ -299,7 +306,9 @@ def test_auth_plain() -> None:
 
 def test_auth_plain_bytes_on_the_wire() -> None:
     dialogue = Dialogue()
-    opened = ensureDeferred(dialogue.session.open(TlsPolicy.MAY, object(), AuthCredentials("alice", "secret")))
+    opened = ensureDeferred(
+        dialogue.session.open(TlsPolicy.MAY, object(), AuthCredentials("alice", "secret"))
+    )
     dialogue.server(b"220 mx.test\r\n250-mx.test\r\n250 STARTTLS\r\n220 go\r\n")
     dialogue.sent()
     dialogue.server(b"250-mx.test\r\n250 AUTH PLAIN LOGIN\r\n")
@@ -310,7 +319,9 @@ def test_auth_plain_bytes_on_the_wire() -> None:
 
 def test_auth_login() -> None:
     dialogue = Dialogue()
-    opened = ensureDeferred(dialogue.session.open(TlsPolicy.MAY, object(), AuthCredentials("alice", "secret")))
+    opened = ensureDeferred(
+        dialogue.session.open(TlsPolicy.MAY, object(), AuthCredentials("alice", "secret"))
+    )
     dialogue.server(b"220 mx.test\r\n250-mx.test\r\n250 STARTTLS\r\n220 go\r\n")
     dialogue.sent()
     dialogue.server(b"250-mx.test\r\n250 AUTH LOGIN\r\n")
@@ -326,7 +337,9 @@ def test_auth_login() -> None:
 
 def test_auth_cram_md5() -> None:
     dialogue = Dialogue()
-    opened = ensureDeferred(dialogue.session.open(TlsPolicy.MAY, object(), AuthCredentials("alice", "secret")))
+    opened = ensureDeferred(
+        dialogue.session.open(TlsPolicy.MAY, object(), AuthCredentials("alice", "secret"))
+    )
     dialogue.server(b"220 mx.test\r\n250-mx.test\r\n250 STARTTLS\r\n220 go\r\n")
     dialogue.sent()
     dialogue.server(b"250-mx.test\r\n250 AUTH CRAM-MD5\r\n")
@@ -357,7 +370,9 @@ def test_no_credentials_over_plaintext() -> None:
 
 
 def test_credentials_over_plaintext_when_allowed_prefer_cram_md5() -> None:
-    dialogue, opened = open_with_auth(b"PLAIN CRAM-MD5", AuthCredentials("a", "s", allow_plaintext=True), tls=False)
+    dialogue, _opened = open_with_auth(
+        b"PLAIN CRAM-MD5", AuthCredentials("a", "s", allow_plaintext=True), tls=False
+    )
     assert dialogue.sent() == b""  # the EHLO was cleared; AUTH went with it
     assert dialogue.transport.tls_options is None
 
@@ -469,7 +484,12 @@ def test_esmtp_parameters(tmp_path: Path) -> None:
 def test_no_dsn_or_8bitmime_parameters_when_not_offered(tmp_path: Path) -> None:
     dialogue = Dialogue()
     dialogue.open(b"250-mx.test\r\n250 PIPELINING\r\n")
-    envelope = Envelope("a@example.org", (Recipient("b@example.net", frozenset({Notify.NEVER})),), body=Body.EIGHT_BIT, ret=Ret.FULL)
+    envelope = Envelope(
+        "a@example.org",
+        (Recipient("b@example.net", frozenset({Notify.NEVER})),),
+        body=Body.EIGHT_BIT,
+        ret=Ret.FULL,
+    )
     deliver(dialogue, message_file(tmp_path), envelope)
     assert dialogue.sent() == b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
 
@@ -544,13 +564,13 @@ def test_connection_lost_during_the_body(tmp_path: Path) -> None:
 
     class PausingTransport(TlsStringTransport):
         def write(self, data: bytes) -> None:
-            super().write(data)
+            super().write(data)  # type: ignore[no-untyped-call]
             if self.producer is not None:
                 self.producer.pauseProducing()
 
     transport = PausingTransport()
     dialogue.transport = transport
-    dialogue.protocol.makeConnection(transport)
+    dialogue.protocol.makeConnection(transport)  # type: ignore[no-untyped-call]
     dialogue.open()
     delivered = deliver(dialogue, message_file(tmp_path))
     dialogue.server(b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n")

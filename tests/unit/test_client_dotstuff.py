@@ -34,15 +34,15 @@ def encode_in_chunks(message: bytes, cuts: list[int]) -> bytes:
     stuffer = DotStuffer()
     out = []
     start = 0
-    for cut in sorted(set(c % (len(message) + 1) for c in cuts)) + [len(message)]:
+    for cut in [*sorted(set(c % (len(message) + 1) for c in cuts)), len(message)]:
         out.append(stuffer.encode(message[start:cut]))
         start = max(start, cut)
     return b"".join(out) + stuffer.finish()
 
 
-dotty = st.lists(st.sampled_from([b".", b"\r", b"\n", b"\r\n", b"a", b"..", b"\x00", b"\xff"]), max_size=60).map(
-    b"".join
-)
+dotty = st.lists(
+    st.sampled_from([b".", b"\r", b"\n", b"\r\n", b"a", b"..", b"\x00", b"\xff"]), max_size=60
+).map(b"".join)
 
 
 @given(message=st.one_of(dotty, st.binary(max_size=200)), cuts=st.lists(st.integers(0, 300), max_size=12))
@@ -82,7 +82,9 @@ def test_outbound_smuggling_chunk_boundary(tmp_path: Path) -> None:
     chunk = 64
     head = b"Subject: smuggle\r\n\r\n" + b"x" * (chunk - 22) + b"\r\n"
     assert len(head) == chunk
-    evil = b".\r\nMAIL FROM:<evil@attacker.example>\r\nRCPT TO:<victim@example.net>\r\nDATA\r\n\r\nspoofed\r\n"
+    evil = (
+        b".\r\nMAIL FROM:<evil@attacker.example>\r\nRCPT TO:<victim@example.net>\r\nDATA\r\n\r\nspoofed\r\n"
+    )
     path = tmp_path / "message"
     path.write_bytes(head + evil)
     dialogue = Dialogue(settings=ClientSettings("gw.test", chunk_size=chunk))

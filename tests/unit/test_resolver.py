@@ -10,6 +10,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import dns.message
@@ -103,9 +104,8 @@ zone:
                 break
             except (dns.exception.Timeout, OSError):
                 if process.poll() is not None or time.monotonic() > deadline:
-                    log = open(os.path.join(directory, "nsd.log")).read() if os.path.exists(
-                        os.path.join(directory, "nsd.log")
-                    ) else ""
+                    log_path = Path(directory) / "nsd.log"
+                    log = log_path.read_text() if log_path.exists() else ""
                     pytest.fail(f"nsd did not start: {log}")
                 time.sleep(0.1)
         yield port

@@ -111,7 +111,9 @@ class TransportTests(TestCase):
         self.addCleanup(lambda: ensureDeferred(self.dialer.close()))
         self.resolver = StaticResolver({"mx.test": {"A": ["127.0.0.1"]}})
 
-    def server(self, *, tls: bool = False, credentials: FileCredentials | None = None) -> tuple[int, RecordingReception, CountingFactory]:
+    def server(
+        self, *, tls: bool = False, credentials: FileCredentials | None = None
+    ) -> tuple[int, RecordingReception, CountingFactory]:
         reception = RecordingReception()
         factory = CountingFactory(
             ServerSettings(hostname="mx.test", auth_failure_delay=0.1),
@@ -128,7 +130,7 @@ class TransportTests(TestCase):
     def scripted(self, reply: bytes) -> int:
         factory = ServerFactory.forProtocol(Greeter)
         factory.protocol = type("G", (Greeter,), {"reply": reply})
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[arg-type]
         self.addCleanup(port.stopListening)
         return int(port.getHost().port)  # type: ignore[attr-defined]
 
@@ -145,7 +147,7 @@ class TransportTests(TestCase):
         (result,) = await transport.deliver(self.delivery())
         assert result.delivered, result
         assert result.relay == f"127.0.0.1[127.0.0.1]:{port}"
-        envelope, message = reception.accepted[0]
+        _envelope, message = reception.accepted[0]
         assert message.data.endswith(MESSAGE)  # the dot-stuffed line came back unstuffed
 
     def test_failover_past_refused_and_busy_hosts(self) -> Deferred[None]:
@@ -189,10 +191,10 @@ class TransportTests(TestCase):
 
     async def _reuse_limit(self) -> None:
         self.cache.max_reuse = 2
-        port, reception, factory = self.server()
+        port, _reception, factory = self.server()
         transport = SmtpTransport(f"smtp:[127.0.0.1]:{port}", self.dialer, self.resolver, tls=TlsPolicy.NONE)
         for _ in range(3):
-            (result,) = await transport.deliver(self.delivery())
+            (_result,) = await transport.deliver(self.delivery())
             await deferLater(reactor, 0.05, lambda: None)
         assert factory.connections == 2
 
@@ -201,7 +203,7 @@ class TransportTests(TestCase):
 
     async def _idle(self) -> None:
         self.cache.idle_timeout = 0.1
-        port, reception, factory = self.server()
+        port, _reception, factory = self.server()
         transport = SmtpTransport(f"smtp:[127.0.0.1]:{port}", self.dialer, self.resolver, tls=TlsPolicy.NONE)
         await transport.deliver(self.delivery())
         await deferLater(reactor, 0.3, lambda: None)
@@ -213,7 +215,7 @@ class TransportTests(TestCase):
         return ensureDeferred(self._idle())
 
     async def _server_closed_cached(self) -> None:
-        port, reception, factory = self.server()
+        port, _reception, factory = self.server()
         transport = SmtpTransport(f"smtp:[127.0.0.1]:{port}", self.dialer, self.resolver, tls=TlsPolicy.NONE)
         await transport.deliver(self.delivery())
         await deferLater(reactor, 0.05, lambda: None)
@@ -246,9 +248,13 @@ class TransportTests(TestCase):
 
     # -- TLS -------------------------------------------------------------------------------
 
-    async def _tls(self, policy: TlsPolicy, host: str = "mx.test", ca_file: str | None = None) -> RecipientResult:
+    async def _tls(
+        self, policy: TlsPolicy, host: str = "mx.test", ca_file: str | None = None
+    ) -> RecipientResult:
         port, reception, _ = self.server(tls=True)
-        dialer = Dialer(reactor, self.settings, self.cache, ClientTls(self.ca_file if ca_file is None else ca_file))
+        dialer = Dialer(
+            reactor, self.settings, self.cache, ClientTls(self.ca_file if ca_file is None else ca_file)
+        )
         self.addCleanup(lambda: ensureDeferred(dialer.close()))
         resolver = StaticResolver({host: {"A": ["127.0.0.1"]}})
         transport = SmtpTransport(f"smtp:[{host}]:{port}", dialer, resolver, tls=policy)
@@ -294,8 +300,10 @@ class TransportTests(TestCase):
         return ensureDeferred(self._tls_verify_untrusted())
 
     async def _tls_encrypt_not_offered(self) -> None:
-        port, reception, _ = self.server(tls=False)
-        transport = SmtpTransport(f"smtp:[127.0.0.1]:{port}", self.dialer, self.resolver, tls=TlsPolicy.ENCRYPT)
+        port, _reception, _ = self.server(tls=False)
+        transport = SmtpTransport(
+            f"smtp:[127.0.0.1]:{port}", self.dialer, self.resolver, tls=TlsPolicy.ENCRYPT
+        )
         (result,) = await transport.deliver(self.delivery())
         assert (result.code, result.enhanced) == (451, "4.7.4")
 
@@ -337,7 +345,7 @@ class TransportTests(TestCase):
     # -- MX ----------------------------------------------------------------------------------
 
     async def _mx(self) -> None:
-        port, reception, _ = self.server()
+        port, _reception, _ = self.server()
         resolver = StaticResolver(
             {
                 "example.net": {"MX": [(20, "backup.example.net"), (10, "primary.example.net")]},
@@ -350,7 +358,9 @@ class TransportTests(TestCase):
         )
         transport = MxTransport(self.dialer, resolver, tls=TlsPolicy.NONE, port=port)
         results = await transport.deliver(
-            self.delivery("a@example.net", "b@implicit.test", "c@null.test", "d@nowhere.test", "e@broken.test")
+            self.delivery(
+                "a@example.net", "b@implicit.test", "c@null.test", "d@nowhere.test", "e@broken.test"
+            )
         )
         a, b, c, d, e = results
         # the primary (127.0.0.2) refuses: nothing listens there; the backup takes it
@@ -365,7 +375,7 @@ class TransportTests(TestCase):
         return ensureDeferred(self._mx())
 
     async def _mx_order(self) -> None:
-        port, reception, _ = self.server()
+        port, _reception, _ = self.server()
         resolver = StaticResolver(
             {
                 "example.net": {"MX": [(10, "dead.example.net"), (20, "live.example.net")]},
@@ -377,7 +387,9 @@ class TransportTests(TestCase):
         busy = self.scripted(b"421 busy\r\n")
         transport = MxTransport(self.dialer, resolver, tls=TlsPolicy.NONE, port=busy)
         (result,) = await transport.deliver(self.delivery("x@example.net"))
-        assert result.code == 421 and result.relay.startswith("live.example.net"), result  # both tried, in order
+        assert result.code == 421 and result.relay.startswith("live.example.net"), (
+            result
+        )  # both tried, in order
         transport = MxTransport(self.dialer, resolver, tls=TlsPolicy.NONE, port=port, max_addresses=1)
         (result,) = await transport.deliver(self.delivery("x@example.net"))
         assert result.relay.startswith("dead.example.net")
@@ -390,7 +402,7 @@ class TransportTests(TestCase):
     async def _lmtp_unix(self) -> None:
         path = os.path.join(self.tmp, "lmtp.sock")
         factory = Factory.forProtocol(LmtpServer)
-        port = reactor.listenUNIX(path, factory)
+        port = reactor.listenUNIX(path, factory)  # type: ignore[attr-defined]
         self.addCleanup(port.stopListening)
         transport = LmtpTransport(f"lmtp:unix:{path}", self.dialer, self.resolver)
         ok, full = await transport.deliver(self.delivery("ok@example.net", "full@example.net"))

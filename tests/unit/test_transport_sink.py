@@ -21,7 +21,9 @@ from gateway.delivery.smtp import SmtpTransport
 from gateway.model import Delivery, Envelope, Recipient
 from gateway.smtp.client import ClientSettings, TlsPolicy
 
-SMTP_SINK = shutil.which("smtp-sink") or ("/usr/sbin/smtp-sink" if os.path.exists("/usr/sbin/smtp-sink") else None)
+SMTP_SINK = shutil.which("smtp-sink") or (
+    "/usr/sbin/smtp-sink" if os.path.exists("/usr/sbin/smtp-sink") else None
+)
 
 
 def free_port() -> int:
@@ -42,7 +44,7 @@ class SmtpSinkTests(TestCase):
         self.addCleanup(shutil.rmtree, self.tmp, True)
         self.port = free_port()
         # -d: dump each message into a file; -u: stay who we are when run as root
-        command = [SMTP_SINK, "-d", os.path.join(self.tmp, "%M."), "127.0.0.1:%d" % self.port, "100"]
+        command = [SMTP_SINK, "-d", os.path.join(self.tmp, "%M."), f"127.0.0.1:{self.port}", "100"]
         if os.geteuid() == 0:
             command[1:1] = ["-u", "nobody"]
             os.chmod(self.tmp, 0o777)
@@ -56,7 +58,9 @@ class SmtpSinkTests(TestCase):
                 break
             except OSError:
                 if self.sink.poll() is not None or time.monotonic() > deadline:
-                    self.fail(f"smtp-sink did not start: {self.sink.stderr.read() if self.sink.stderr else ''!r}")
+                    self.fail(
+                        f"smtp-sink did not start: {self.sink.stderr.read() if self.sink.stderr else ''!r}"
+                    )
                 time.sleep(0.05)
         self.cache = ConnectionCache(reactor)
         self.dialer = Dialer(reactor, ClientSettings("gw.test"), self.cache)
@@ -76,7 +80,7 @@ class SmtpSinkTests(TestCase):
                 Delivery("Q1", Envelope("a@example.org", recipients), recipients, path, len(body))
             )
             assert all(r.delivered for r in results), results
-        dumps = []
+        dumps: list[str] = []
         deadline = time.monotonic() + 5
         while len(dumps) < 3 and time.monotonic() < deadline:
             from twisted.internet.task import deferLater
