@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from twisted.internet import reactor
@@ -28,8 +30,8 @@ class MaildirTests(TestCase):
         self.pool = ThreadPool(1, 2, "maildir-test")
         self.pool.start()
         self.addCleanup(self.pool.stop)
-        self.root = Path(self.mktemp())  # type: ignore[no-untyped-call]
-        self.root.mkdir()
+        self.root = Path(tempfile.mkdtemp(prefix="mailgate-maildir-"))
+        self.addCleanup(shutil.rmtree, self.root, True)
         self.message = self.root / "message"
         self.message.write_bytes(MESSAGE)
 
