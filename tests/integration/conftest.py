@@ -31,8 +31,8 @@ from .peers import (
     require_program,
     require_root,
     stop_all_peers,
-    swaks as run_swaks,
 )
+from .peers import swaks as run_swaks
 
 POSTFIX_PROGRAMS = ("postfix", "postconf", "openssl")
 DOVECOT_PROGRAMS = ("dovecot", "doveconf")
@@ -113,7 +113,9 @@ def postfix_sink(make_postfix_sink: Callable[..., PostfixSink]) -> PostfixSink:
 
 
 @pytest.fixture
-def make_postfix_relay(_peers: _Started, test_ca: CertificateAuthority) -> Callable[..., PostfixRelayWithAuth]:
+def make_postfix_relay(
+    _peers: _Started, test_ca: CertificateAuthority
+) -> Callable[..., PostfixRelayWithAuth]:
     _require(*POSTFIX_PROGRAMS, *DOVECOT_PROGRAMS)
 
     def make(next_hop: tuple[str, int], **kwargs: Any) -> PostfixRelayWithAuth:

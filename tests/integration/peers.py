@@ -777,7 +777,7 @@ class PostfixSink(PostfixInstance):
 
     def messages(self) -> list[ReceivedMessage]:
         """Every delivered message, oldest first (by Maildir file name)."""
-        found = []
+        found: list[tuple[str, str, str]] = []
         for top, _dirs, files in os.walk(self.mail_dir):
             if os.path.basename(top) not in ("new", "cur"):
                 continue

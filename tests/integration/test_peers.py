@@ -179,7 +179,8 @@ def test_swaks_tls_and_auth_through_the_relay(
 ) -> None:
     code, transcript = swaks(
         "--to", "frank@internal.test", "--from", "swaks@client.test", "--helo", "client.test",
-        "--tls", "--auth", "PLAIN", "--auth-user", postfix_relay.user, "--auth-password", postfix_relay.password,
+        "--tls", "--auth", "PLAIN",
+        "--auth-user", postfix_relay.user, "--auth-password", postfix_relay.password,
         "--header", "Message-Id: <swaks-2@client.test>",
         server=postfix_relay.address,
     )  # fmt: skip
@@ -201,7 +202,9 @@ def test_nsd_answers_mx_a_aaaa_and_null_mx(nsd_server: NsdServer) -> None:
     resolver = nsd_server.resolver()
     assert nsd_server.nameserver == f"127.0.0.1:{nsd_server.port}"
 
-    mx = sorted((record.preference, str(record.exchange)) for record in resolver.resolve("example.test.", "MX"))
+    mx = sorted(
+        (record.preference, str(record.exchange)) for record in resolver.resolve("example.test.", "MX")
+    )
     assert mx == [(10, "mx1.example.test."), (20, "mx2.example.test.")]
     assert [record.address for record in resolver.resolve("mx1.example.test.", "A")] == ["127.0.0.1"]
     assert [record.address for record in resolver.resolve("mx1.example.test.", "AAAA")] == ["::1"]
