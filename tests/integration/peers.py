@@ -460,6 +460,7 @@ message_size_limit = {message_size_limit}
 # chroot "n" everywhere: the instance's paths are not inside any chroot.
 _POSTFIX_MASTER_CF = """\
 {host}:{port} inet n - n - - smtpd
+pickup    unix  n - n 60 1 pickup
 cleanup   unix  n - n - 0 cleanup
 qmgr      unix  n - n 300 1 qmgr
 tlsmgr    unix  - - n 1000? 1 tlsmgr
