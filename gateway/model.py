@@ -97,6 +97,8 @@ class RecipientState:
     status: RecipientStatus = RecipientStatus.PENDING
     attempts: int = 0
     last_reply: str | None = None  # the last remote reply or our own reason, one line
+    code: int | None = None  # the reply code of the last attempt (250, 451, 550...)
+    dsn: str | None = None  # its enhanced status code (RFC 3463), as Postfix logs dsn=5.1.1
     relay: str | None = None  # where it went (or was tried): "mx.example.com[192.0.2.1]:25"
 
 

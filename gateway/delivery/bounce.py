@@ -55,11 +55,10 @@ def _one_line(text: str) -> str:
 def _normalise(entry: Failed) -> tuple[Recipient, str, str]:
     """(recipient, reply text "550 5.1.1 ...", relay) from either shape of input."""
     if isinstance(entry, RecipientState):
-        return (
-            entry.recipient,
-            _one_line(entry.last_reply or "550 5.0.0 delivery failed"),
-            entry.relay or "none",
-        )
+        text = entry.last_reply or "delivery failed"
+        if not _REPLY.match(text):  # our own reason, or "host X said: ...": put the code in front
+            text = " ".join(p for p in (str(entry.code or 550), entry.dsn, text) if p)
+        return entry.recipient, _one_line(text), entry.relay or "none"
     recipient, outcome = entry
     if isinstance(outcome, RecipientResult):
         reply = " ".join(p for p in (str(outcome.code), outcome.enhanced, outcome.text) if p)

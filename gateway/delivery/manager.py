@@ -207,7 +207,7 @@ class QueueManager(Service):
             if state.status is not RecipientStatus.PENDING or result is None:
                 states.append(state)
                 continue
-            reply = " ".join(p for p in (str(result.code), result.enhanced, result.text) if p)
+            reply = result.text  # the remote reply with its code, or our own reason (as Postfix logs)
             if result.delivered:
                 status, word = RecipientStatus.DELIVERED, "sent"
             elif result.permanent:
@@ -218,20 +218,27 @@ class QueueManager(Service):
             else:
                 status, word = RecipientStatus.PENDING, "deferred"
             new = attrs.evolve(
-                state, status=status, attempts=state.attempts + 1, last_reply=reply, relay=result.relay
+                state,
+                code=result.code,
+                dsn=result.enhanced,
+                status=status,
+                attempts=state.attempts + 1,
+                last_reply=reply,
+                relay=result.relay,
             )
             states.append(new)
             if status is RecipientStatus.FAILED:
                 newly_failed.append(new)
             log.info(
                 "{queue_id}: to=<{rcpt}>, relay={relay}, delay={delay:.2f}, attempts={attempts}, "
-                "status={word} ({reply})",
+                "dsn={dsn}, status={word} ({reply})",
                 queue_id=message.queue_id,
                 rcpt=state.recipient.address,
                 relay=result.relay,
                 delay=max(0.0, time.time() - message.arrived),
                 attempts=attempts,
                 word=word,
+                dsn=result.enhanced or f"{result.code // 100}.0.0",
                 reply=reply,
             )
         updated = attrs.evolve(message, recipients=tuple(states), attempts=attempts)

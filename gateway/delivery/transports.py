@@ -14,8 +14,14 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from gateway.config import Config
+from gateway.config import Config, ConfigError
+from gateway.delivery.connections import ConnectionCache, Dialer
+from gateway.delivery.lmtp import LmtpTransport
 from gateway.delivery.maildir import MaildirTransport
+from gateway.delivery.resolver import DnsResolver
+from gateway.delivery.smtp import MxTransport, RelayTransport, SmtpTransport
+from gateway.delivery.tls import ClientTls
+from gateway.smtp.client import AuthCredentials, ClientSettings, TlsPolicy
 from gateway.delivery.router import Route
 from gateway.interfaces import ISpool, ITransport
 from gateway.model import Envelope, QueuedMessage, Recipient, RecipientState, Role, Session
@@ -38,6 +44,22 @@ class ThreadPoolService(Service):
         self.pool.stop()
 
 
+def upstream_credentials(cfg: Config) -> AuthCredentials | None:
+    """The smart host's user and password (the first line of its password file)."""
+    if not cfg.upstream.username:
+        return None
+    try:
+        with open(cfg.upstream.password_file, encoding="utf-8") as handle:
+            password = handle.readline().rstrip("\r\n")
+    except OSError as error:
+        raise ConfigError(
+            cfg.source, "upstream.password_file", f"cannot read {error.filename}: {error.strerror}"
+        ) from None
+    if not password:
+        raise ConfigError(cfg.source, "upstream.password_file", f"{cfg.upstream.password_file} is empty")
+    return AuthCredentials(cfg.upstream.username, password)
+
+
 class Transports(MultiService):
     """Makes and keeps the transports; composes and enqueues bounces."""
 
@@ -50,6 +72,30 @@ class Transports(MultiService):
         # local disk writes (maildir) get their own small pool, never the reactor's
         self.disk = ThreadPoolService("maildir", 4)
         self.disk.setServiceParent(self)
+        delivery = cfg.delivery
+        settings = ClientSettings(
+            cfg.gateway.hostname,
+            connect_timeout=delivery.connect_timeout,
+            helo_timeout=delivery.command_timeout,
+            mail_timeout=delivery.command_timeout,
+            rcpt_timeout=delivery.command_timeout,
+        )
+        self.resolver = DnsResolver(reactor, cfg.dns.nameservers or None, cfg.dns.timeout, cfg.dns.threads)
+        self.resolver.setServiceParent(self)
+        self.dialer = Dialer(reactor, settings, ConnectionCache(reactor), ClientTls(cfg.tls.ca_file))
+        self.upstream: ITransport | None = None
+        if cfg.upstream.host:
+            self.upstream = SmtpTransport(
+                f"smtp:{cfg.upstream.host}",
+                self.dialer,
+                self.resolver,
+                tls=TlsPolicy(cfg.upstream.tls),
+                credentials=upstream_credentials(cfg),
+            )
+
+    def stopService(self) -> Deferred[None]:  # type: ignore[override]
+        super().stopService()  # type: ignore[no-untyped-call]
+        return Deferred.fromCoroutine(self.dialer.close())
 
     def for_route(self, route: Route) -> ITransport:
         transport = self._made.get(route)
@@ -61,7 +107,18 @@ class Transports(MultiService):
         spec = route.spec
         if spec.kind == "maildir":
             return MaildirTransport(spec.path, reactor=self.reactor, threadpool=self.disk.pool)
-        raise NotImplementedError(f"transport {spec.text}")
+        if spec.kind == "lmtp":
+            return LmtpTransport(spec, self.dialer, self.resolver)
+        if spec.kind == "relay":
+            assert self.upstream is not None  # the config requires upstream.host for it
+            return self.upstream
+        tls = TlsPolicy(route.tls)
+        if spec.kind == "smtp":
+            return SmtpTransport(spec, self.dialer, self.resolver, tls=tls)
+        direct = MxTransport(self.dialer, self.resolver, tls=tls)
+        if self.upstream is None or self.cfg.upstream.mode == "never":
+            return direct
+        return RelayTransport(direct, self.upstream, self.cfg.upstream.mode)
 
     def bounce(self, message: QueuedMessage, failed: list[RecipientState]) -> Deferred[object]:
         """Send the sender one RFC 3464 report for `failed`, unless the rules say no."""

@@ -88,6 +88,8 @@ def dumps(message: QueuedMessage, version: int, session: dict[str, Any] | None =
                 "status": state.status.value,
                 "attempts": state.attempts,
                 "last_reply": state.last_reply,
+                "code": state.code,
+                "dsn": state.dsn,
                 "relay": state.relay,
             }
             for state in message.recipients
@@ -123,6 +125,8 @@ def loads(data: bytes, state: str) -> tuple[QueuedMessage, int, dict[str, Any] |
                 status=RecipientStatus(r["status"]),
                 attempts=int(r.get("attempts", 0)),
                 last_reply=r.get("last_reply"),
+                code=r.get("code"),
+                dsn=r.get("dsn"),
                 relay=r.get("relay"),
             )
             for r in document["recipients"]

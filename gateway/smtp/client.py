@@ -425,7 +425,7 @@ class ClientSession:
             reply = final[n] if self.lmtp else final[0]
             text = _said(self.relay, reply, "end of DATA")
             if reply.is_positive:
-                text = f"{self.relay} said: {reply}"
+                text = str(reply)  # "250 2.0.0 Ok: queued as ..." (the relay is logged beside it)
             results[i] = Outcome(
                 RecipientResult(recipients[i], reply.code, reply.enhanced, text, self.relay), False
             )
