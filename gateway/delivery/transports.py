@@ -19,12 +19,12 @@ from gateway.delivery.connections import ConnectionCache, Dialer
 from gateway.delivery.lmtp import LmtpTransport
 from gateway.delivery.maildir import MaildirTransport
 from gateway.delivery.resolver import DnsResolver
+from gateway.delivery.router import Route
 from gateway.delivery.smtp import MxTransport, RelayTransport, SmtpTransport
 from gateway.delivery.tls import ClientTls
-from gateway.smtp.client import AuthCredentials, ClientSettings, TlsPolicy
-from gateway.delivery.router import Route
 from gateway.interfaces import ISpool, ITransport
 from gateway.model import Envelope, QueuedMessage, Recipient, RecipientState, Role, Session
+from gateway.smtp.client import AuthCredentials, ClientSettings, TlsPolicy
 
 log = Logger(namespace="mailgate.bounce")
 

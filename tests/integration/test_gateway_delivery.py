@@ -172,20 +172,24 @@ def test_mx_routing_with_a_real_dns_server_and_null_mx_bounce(
         real.stop()
 
 
+def upstream_config(tmp: str, relay: PostfixRelayWithAuth, password: str) -> str:
+    """Everything to the upstream smart host, with AUTH over required TLS."""
+    password_file = os.path.join(tmp, "upstream-password")
+    with open(password_file, "w") as handle:
+        handle.write(password + "\n")
+    return (
+        f'[upstream]\nhost = "[127.0.0.1]:{relay.port}"\nmode = "always"\nusername = "{relay.user}"\n'
+        f'password_file = "{password_file}"\ntls = "encrypt"\n[[routes]]\nmatch = "*"\ntransport = "relay"\n'
+    )
+
+
 def test_upstream_relay_requiring_auth(
     start_gateway: Any,
     tmp_path: os.PathLike[str],
     postfix_relay: PostfixRelayWithAuth,
     postfix_sink: PostfixSink,
 ) -> None:
-    password_file = os.path.join(tmp_path, "upstream-password")
-    with open(password_file, "w") as handle:
-        handle.write(postfix_relay.password + "\n")
-    gateway = start_gateway(
-        f'[upstream]\nhost = "[127.0.0.1]:{postfix_relay.port}"\nmode = "always"\nusername = "{postfix_relay.user}"\n'
-        f'password_file = "{password_file}"\ntls = "encrypt"\n'
-        '[[routes]]\nmatch = "*"\ntransport = "relay"\n'
-    )
+    gateway = start_gateway(upstream_config(str(tmp_path), postfix_relay, postfix_relay.password))
     send(gateway, "alice@client.test", ["erin@internal.test"], "<relay-1@c.test>")
     [received] = postfix_sink.wait_for_message_id("<relay-1@c.test>", timeout=30)
     received_headers = " ".join(received.message.get_all("Received"))
@@ -197,13 +201,7 @@ def test_upstream_relay_requiring_auth(
 def test_upstream_relay_with_a_wrong_password_defers(
     start_gateway: Any, tmp_path: os.PathLike[str], postfix_relay: PostfixRelayWithAuth
 ) -> None:
-    password_file = os.path.join(tmp_path, "upstream-password")
-    with open(password_file, "w") as handle:
-        handle.write("wrong\n")
-    gateway = start_gateway(
-        f'[upstream]\nhost = "[127.0.0.1]:{postfix_relay.port}"\nmode = "always"\nusername = "{postfix_relay.user}"\n'
-        f'password_file = "{password_file}"\ntls = "encrypt"\n[[routes]]\nmatch = "*"\ntransport = "relay"\n'
-    )
+    gateway = start_gateway(upstream_config(str(tmp_path), postfix_relay, "wrong"))
     send(gateway, "alice@client.test", ["erin@internal.test"], "<relay-2@c.test>")
     text = gateway.wait_for_log("status=deferred")
     assert "erin@internal.test" in text

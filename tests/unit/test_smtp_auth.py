@@ -11,7 +11,6 @@ import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.unit.test_smtp_server import SETTINGS, Dialogue
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import capturedLogs
@@ -28,6 +27,7 @@ from gateway.smtp.auth import (
     hash_password,
     verify_password,
 )
+from tests.unit.test_smtp_server import SETTINGS, Dialogue
 
 ALICE = hash_password("alice-secret", "SCRYPT", cost=4)
 BOB = hash_password("bob-secret", "CRAM-MD5")

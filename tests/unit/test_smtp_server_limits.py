@@ -5,11 +5,11 @@ from __future__ import annotations
 import ipaddress
 
 import attrs
-from tests.unit.test_smtp_server import BODY, SETTINGS, Dialogue
 from twisted.logger import capturedLogs
 
 from gateway.model import Body, Notify, Recipient, Ret, Role
 from gateway.testing import RecordingReception
+from tests.unit.test_smtp_server import BODY, SETTINGS, Dialogue
 
 # --- envelope parameters -------------------------------------------------------------
 

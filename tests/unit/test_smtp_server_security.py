@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import attrs
 import pytest
-from tests.unit.test_smtp_server import SETTINGS, Dialogue
 
 from gateway.smtp._data import DotReader, NewlineChecker
+from tests.unit.test_smtp_server import SETTINGS, Dialogue
 
 
 def test_starttls_command_injection() -> None:
