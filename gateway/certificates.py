@@ -96,10 +96,10 @@ def _pem_blocks(pem: bytes) -> list[bytes]:
 def trust_root(settings: TlsConfig) -> IOpenSSLTrustRoot:
     """Trust roots for verifying the servers we deliver to."""
     if not settings.ca_file:
-        return ssl.platformTrust()  # type: ignore[no-untyped-call]
+        return ssl.platformTrust()  # type: ignore[no-untyped-call,no-any-return]
     with open(settings.ca_file, "rb") as handle:
         pem = handle.read()
     certs = [ssl.Certificate.loadPEM(block) for block in _pem_blocks(pem)]
     if not certs:
         raise ConfigError("[tls]", "tls.ca_file", f"{settings.ca_file} holds no PEM certificate")
-    return ssl.trustRootFromCertificates(certs)  # type: ignore[no-untyped-call]
+    return ssl.trustRootFromCertificates(certs)  # type: ignore[no-untyped-call,no-any-return]

@@ -13,6 +13,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceCollection, MultiService, Service
@@ -135,7 +136,7 @@ def unreachable_parent(path: str, uid: int, gid: int) -> str | None:
     return None
 
 
-def make_service(cfg: configuration.Config, reactor: object = global_reactor) -> MultiService:
+def make_service(cfg: configuration.Config, reactor: Any = global_reactor) -> MultiService:
     """Build the whole gateway from its configuration."""
     os.makedirs(cfg.gateway.state_dir, mode=0o750, exist_ok=True)
     top = GatewayService(cfg)
@@ -149,7 +150,7 @@ def make_service(cfg: configuration.Config, reactor: object = global_reactor) ->
         transports.for_route,
         transports.bounce,
         cfg.delivery,
-        reactor,  # type: ignore[arg-type]
+        reactor,
     )
     transports.spool = spool
     reception = Reception(spool, cfg.relay)

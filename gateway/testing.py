@@ -108,7 +108,8 @@ class RecordingReception:
         self.sessions.append(session)
         return self._answer(lambda: self.refuse_rcpt.get(recipient.address))
 
-    def accept(self, session: Session, envelope: Envelope, message: RecordedMessage) -> Deferred[Reply]:
+    def accept(self, session: Session, envelope: Envelope, message: IIncomingMessage) -> Deferred[Reply]:
+        assert isinstance(message, RecordedMessage)  # the one new_message handed out
         self.calls.append(("accept", message.queue_id))
         self.sessions.append(session)
 

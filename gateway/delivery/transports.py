@@ -8,6 +8,7 @@ object per route, on first use.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, succeed
@@ -36,11 +37,11 @@ class ThreadPoolService(Service):
         self.pool = ThreadPool(minthreads=0, maxthreads=size, name=name)
 
     def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
+        super().startService()
         self.pool.start()
 
     def stopService(self) -> None:
-        super().stopService()  # type: ignore[no-untyped-call]
+        super().stopService()
         self.pool.stop()
 
 
@@ -63,7 +64,7 @@ def upstream_credentials(cfg: Config) -> AuthCredentials | None:
 class Transports(MultiService):
     """Makes and keeps the transports; composes and enqueues bounces."""
 
-    def __init__(self, cfg: Config, reactor: object, spool: ISpool | None = None) -> None:
+    def __init__(self, cfg: Config, reactor: Any, spool: ISpool | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.reactor = reactor
@@ -93,8 +94,8 @@ class Transports(MultiService):
                 credentials=upstream_credentials(cfg),
             )
 
-    def stopService(self) -> Deferred[None]:  # type: ignore[override]
-        super().stopService()  # type: ignore[no-untyped-call]
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
         return Deferred.fromCoroutine(self.dialer.close())
 
     def for_route(self, route: Route) -> ITransport:
