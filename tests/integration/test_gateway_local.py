@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import email
 import os
-import smtplib
+import shutil
 import socket
 import subprocess
-import threading
-import time
+import tempfile
 from collections.abc import Iterator
 
 import pytest
@@ -23,23 +22,25 @@ from tests.integration.gateway import (
     swaks,
     wait_until,
 )
+from tests.integration.peers import require_root
 
 pytestmark = pytest.mark.integration
 
 USER, PASSWORD = "exchange", "s3cret-relay-pass"
 
 
-def config(tmp: str, port: int) -> str:
+def config(tmp: str, port: int, *, user: str = "") -> str:
+    auth = f'credentials_file = "{tmp}/users"' if not user else ""  # the user could not read it
     return f"""
         [gateway]
         hostname = "gw.test"
         state_dir = "{tmp}/state"
-        user = ""
+        user = "{user}"
         [[smtp.listeners]]
         endpoint = "tcp:{port}:interface=127.0.0.1"
         role = "inbound"
         [auth]
-        credentials_file = "{tmp}/users"
+        {auth}
         [relay]
         domains = ["example.com"]
         networks = ["127.0.0.1/32"]
@@ -214,47 +215,6 @@ def test_mailgatectl_status_and_empty_queue(gateway: GatewayProcess) -> None:
     assert gateway.ctl("queue", "list").stdout.strip() == "Mail queue is empty"
 
 
-def test_kill_9_under_load_loses_no_acknowledged_message(gateway: GatewayProcess) -> None:
-    """Send a stream of messages, kill -9 the gateway in the middle, restart: every 250 arrived."""
-    acknowledged: list[str] = []
-    stop = threading.Event()
-
-    def sender(worker: int) -> None:
-        number = 0
-        while not stop.is_set():
-            number += 1
-            message_id = f"<crash-{worker}-{number}@client.test>"
-            try:
-                with smtplib.SMTP("127.0.0.1", gateway.smtp_port, timeout=10) as client:
-                    client.sendmail(
-                        "load@client.test",
-                        ["crash@example.com"],
-                        f"Message-Id: {message_id}\r\nSubject: load\r\n\r\n{'x' * 2000}\r\n",
-                    )
-                acknowledged.append(message_id)  # only after the 250
-            except (OSError, smtplib.SMTPException):
-                time.sleep(0.05)
-
-    workers = [threading.Thread(target=sender, args=(n,)) for n in range(4)]
-    for worker in workers:
-        worker.start()
-    wait_until(lambda: len(acknowledged) >= 150, timeout=60)
-    gateway.kill9()
-    stop.set()
-    for worker in workers:
-        worker.join()
-    sent = set(acknowledged)
-    gateway.start()
-    mailbox = os.path.join(gateway.directory, "mail", "example.com", "crash")
-
-    def arrived() -> set[str]:
-        return {email.message_from_bytes(raw)["Message-Id"] for raw in maildir_messages(mailbox)}
-
-    wait_until(lambda: sent <= arrived(), timeout=60)
-    assert len(sent) >= 150
-    assert sent <= arrived(), f"lost: {sorted(sent - arrived())[:10]}"
-
-
 def test_bad_config_stops_start_with_file_line_and_key(tmp_path: os.PathLike[str]) -> None:
     path = os.path.join(tmp_path, "bad.toml")
     with open(path, "w") as handle:
@@ -277,10 +237,7 @@ def test_bad_config_stops_start_with_file_line_and_key(tmp_path: os.PathLike[str
 
 
 def test_started_as_root_it_runs_as_the_configured_user(tmp_path: os.PathLike[str]) -> None:
-    if os.getuid() != 0:
-        pytest.skip("needs root to drop privileges")
-    import tempfile
-
+    require_root()
     tmp = tempfile.mkdtemp(dir="/tmp")  # /tmp is enterable by nobody; pytest's tmp_path is not
     os.chmod(tmp, 0o755)
     os.mkdir(os.path.join(tmp, "mail"))
@@ -288,10 +245,7 @@ def test_started_as_root_it_runs_as_the_configured_user(tmp_path: os.PathLike[st
     port = free_port()
     process = GatewayProcess(
         tmp,
-        config(tmp, port)
-        .replace('user = ""', 'user = "nobody"')
-        .replace("[auth]", "[dns]")
-        .replace(f'credentials_file = "{tmp}/users"', ""),
+        config(tmp, port, user="nobody"),
         port,
     )
     process.start()
@@ -304,22 +258,16 @@ def test_started_as_root_it_runs_as_the_configured_user(tmp_path: os.PathLike[st
         wait_until(lambda: maildir_messages(os.path.join(tmp, "mail", "example.com", "drop")))
     finally:
         process.stop()
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_unreachable_state_dir_for_the_user_is_one_clear_error(tmp_path: os.PathLike[str]) -> None:
-    if os.getuid() != 0:
-        pytest.skip("needs root to drop privileges")
+    require_root()
     tmp = str(tmp_path)  # under /tmp/pytest-of-root, mode 0700: nobody cannot enter it
     port = free_port()
     process = GatewayProcess(
         tmp,
-        config(tmp, port)
-        .replace('user = ""', 'user = "nobody"')
-        .replace("[auth]", "[dns]")
-        .replace(f'credentials_file = "{tmp}/users"', ""),
+        config(tmp, port, user="nobody"),
         port,
     )
     with pytest.raises(RuntimeError):
