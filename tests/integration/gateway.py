@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -12,7 +11,7 @@ import textwrap
 import time
 from collections.abc import Sequence
 
-import pytest
+from tests.integration.peers import free_port
 
 # what a user types: the twistd beside this Python
 TWISTD = [
@@ -21,22 +20,6 @@ TWISTD = [
     "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
 ]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def require(program: str) -> None:
-    """A test needing `program` fails in CI when it is missing, and skips elsewhere."""
-    if shutil.which(program) or os.path.exists(f"/usr/sbin/{program}"):
-        return
-    message = f"{program} is not installed (run .ci/install-test-deps)"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
 
 
 class GatewayProcess:
@@ -153,10 +136,4 @@ def wait_until(predicate: object, timeout: float = 20.0, interval: float = 0.1) 
     raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
 
 
-def swaks(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["swaks", "--hide-informational", *args], capture_output=True, text=True, timeout=timeout
-    )
-
-
-__all__: Sequence[str] = ["GatewayProcess", "free_port", "maildir_messages", "require", "swaks", "wait_until"]
+__all__: Sequence[str] = ["GatewayProcess", "free_port", "maildir_messages", "wait_until"]

@@ -18,11 +18,9 @@ from tests.integration.gateway import (
     GatewayProcess,
     free_port,
     maildir_messages,
-    require,
-    swaks,
     wait_until,
 )
-from tests.integration.peers import require_root
+from tests.integration.peers import require_program, require_root, swaks
 
 pytestmark = pytest.mark.integration
 
@@ -54,7 +52,7 @@ def config(tmp: str, port: int, *, user: str = "") -> str:
 
 @pytest.fixture
 def gateway(tmp_path: os.PathLike[str]) -> Iterator[GatewayProcess]:
-    require("swaks")
+    require_program("swaks")
     tmp = str(tmp_path)
     from gateway.smtp.auth import hash_password
 
@@ -83,8 +81,8 @@ def test_swaks_over_starttls_to_our_domain_lands_in_the_maildir(gateway: Gateway
         "--header",
         "Message-Id: <tls-1@client.test>",
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "250 2.0.0 Ok: queued as" in result.stdout
+    assert result.returncode == 0, result.transcript
+    assert "250 2.0.0 Ok: queued as" in result.transcript
     wait_until(lambda: mail_of(gateway, "bob@example.com"))
     [message] = mail_of(gateway, "bob@example.com")
     assert message["Message-Id"] == "<tls-1@client.test>"
@@ -104,7 +102,7 @@ def test_outsider_cannot_relay(gateway: GatewayProcess) -> None:
         "--quit-after",
         "RCPT",
     )
-    assert "554 5.7.1 <victim@elsewhere.test>: Relay access denied" in result.stdout
+    assert "554 5.7.1 <victim@elsewhere.test>: Relay access denied" in result.transcript
     assert result.returncode != 0
     text = gateway.wait_for_log("Relay access denied")
     assert "victim@elsewhere.test" in text
@@ -128,7 +126,7 @@ def test_auth_is_not_offered_before_tls_and_relays_after_it(gateway: GatewayProc
     )
     assert plain.returncode != 0
     assert "AUTH" not in [
-        line.split()[1].split("-")[0] for line in plain.stdout.splitlines() if line.startswith("<-  250")
+        line.split()[1].split("-")[0] for line in plain.transcript.splitlines() if line.startswith("<-  250")
     ]
     wrong = swaks(
         "--server",
@@ -145,7 +143,7 @@ def test_auth_is_not_offered_before_tls_and_relays_after_it(gateway: GatewayProc
         "--auth-password",
         "nope",
     )
-    assert "535 5.7.8" in wrong.stdout
+    assert "535 5.7.8" in wrong.transcript
     good = swaks(
         "--server",
         f"127.0.0.1:{gateway.smtp_port}",
@@ -161,8 +159,8 @@ def test_auth_is_not_offered_before_tls_and_relays_after_it(gateway: GatewayProc
         "--auth-password",
         PASSWORD,
     )
-    assert good.returncode == 0, good.stdout
-    assert "235 2.7.0" in good.stdout
+    assert good.returncode == 0, good.transcript
+    assert "235 2.7.0" in good.transcript
     wait_until(lambda: mail_of(gateway, "x@elsewhere.test"))
     assert "ESMTPSA" in mail_of(gateway, "x@elsewhere.test")[0]["Received"]
 
@@ -171,7 +169,7 @@ def test_swaks_pipelining_chunking_and_smtputf8(gateway: GatewayProcess) -> None
     pipelined = swaks(
         "--server", f"127.0.0.1:{gateway.smtp_port}", "--pipeline", "--to", "p1@example.com,p2@example.com"
     )
-    assert pipelined.returncode == 0, pipelined.stdout
+    assert pipelined.returncode == 0, pipelined.transcript
     chunked = subprocess.run(
         [
             "swaks",
@@ -229,10 +227,7 @@ def test_bad_config_stops_start_with_file_line_and_key(tmp_path: os.PathLike[str
         env={**os.environ, "PYTHONPATH": ROOT},
     )
     assert result.returncode != 0
-    assert (
-        f"{path}, line 5: smtp.max_recipients: must be an integer, not a string"
-        in result.stdout + result.stderr
-    )
+    assert f"{path}, line 5: smtp.max_recipients: must be an integer, not a string" in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
 
 
@@ -254,7 +249,7 @@ def test_started_as_root_it_runs_as_the_configured_user(tmp_path: os.PathLike[st
             uids = next(line for line in status if line.startswith("Uid:")).split()[1:]
         assert set(uids) == {"65534"}
         result = swaks("--server", f"127.0.0.1:{port}", "--to", "drop@example.com")
-        assert result.returncode == 0, result.stdout
+        assert result.returncode == 0, result.transcript
         wait_until(lambda: maildir_messages(os.path.join(tmp, "mail", "example.com", "drop")))
     finally:
         process.stop()
