@@ -180,11 +180,8 @@ def run_once(args: argparse.Namespace) -> dict[str, float]:
         left = len(spool.messages)
         if left or "cpu" not in result:
             raise RuntimeError(f"{left} messages left undelivered")
-        failed = sum(
-            1
-            for line in open(os.path.join(work, "gateway.log"), encoding="utf-8")
-            if "status=sent" not in line and "to=<" in line
-        )
+        with open(os.path.join(work, "gateway.log"), encoding="utf-8") as log_text:
+            failed = sum(1 for line in log_text if "to=<" in line and "status=sent" not in line)
         if failed:
             raise RuntimeError(f"{failed} recipients not sent (see the log)")
         out = {
