@@ -57,6 +57,7 @@ class SmtpConfig:
     reject_bare_lf: bool = True
     auth_requires_tls: bool = True
     banner: str = "ESMTP MailGate"
+    workers: int = 0  # SMTP server processes; 0 = the listeners run in the main process
 
 
 @attrs.frozen
@@ -310,6 +311,15 @@ def _find_line(text: str, path: str, key: str) -> int | None:
     return None
 
 
+def _workers(reader: _Reader) -> int:
+    value = reader.table.pop("workers", "auto")
+    if value == "auto":
+        return os.cpu_count() or 1
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 31:
+        raise reader.error("workers", f'must be "auto" or a number from 0 to 31, not {value!r}')
+    return value
+
+
 def _network(reader: _Reader, key: str, text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     try:
         return ipaddress.ip_network(text, strict=False)
@@ -392,6 +402,7 @@ def parse(text: str, source: str = "<config>", *, base_dir: str | None = None) -
         reject_bare_lf=section.take("reject_bare_lf", bool, True),
         auth_requires_tls=section.take("auth_requires_tls", bool, True),
         banner=section.take("banner", str, "ESMTP MailGate"),
+        workers=_workers(section),
     )
     section.done()
 

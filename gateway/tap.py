@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceCollection, MultiService, Service
 from twisted.internet import reactor as global_reactor
@@ -32,6 +33,7 @@ from gateway.queue.spool import DirectorySpool
 from gateway.reception import Reception
 from gateway.smtp.auth import CredentialsError, FileCredentials
 from gateway.smtp.server import SmtpServerFactory
+from gateway.smtp.workers import SmtpWorkers
 
 log = Logger(namespace="mailgate")
 
@@ -61,9 +63,15 @@ class GatewayService(MultiService):
 
     def privilegedStartService(self) -> None:
         raise_open_files_limit(self.cfg.gateway.max_open_files)
-        super().privilegedStartService()  # binds the listeners and the control socket
+        account = None
         if os.getuid() == 0 and self.cfg.gateway.user:
-            drop_privileges(self.cfg)
+            account = hand_over_state(self.cfg)
+        # binds the listeners and the control socket, starts the SMTP workers (which
+        # become the user themselves: the interpreter may be where only root can read)
+        super().privilegedStartService()
+        if account is not None:
+            os.chown(self.cfg.control_socket, account.uid, account.gid)
+            become(account)
 
     def startService(self) -> None:
         super().startService()
@@ -87,31 +95,47 @@ def raise_open_files_limit(wanted: int) -> None:
     log.info("open files limit raised to {limit}", limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
 
-def drop_privileges(cfg: configuration.Config) -> None:
-    """Give the state directory to the configured user, then become that user."""
+@attrs.frozen
+class Account:
+    name: str
+    uid: int
+    gid: int
+
+
+def account_of(cfg: configuration.Config) -> Account:
+    """The user and group the gateway runs as (`gateway.user`, `gateway.group`)."""
     try:
         user = pwd.getpwnam(cfg.gateway.user)
         gid = grp.getgrnam(cfg.gateway.group).gr_gid if cfg.gateway.group else user.pw_gid
     except KeyError as error:
         raise SystemExit(f"mailgate: gateway.user/group: no such user or group: {error.args[0]}") from None
-    blocked = unreachable_parent(cfg.gateway.state_dir, user.pw_uid, gid)
+    return Account(user.pw_name, user.pw_uid, gid)
+
+
+def hand_over_state(cfg: configuration.Config) -> Account:
+    """Check the user can reach the state directory, and give it everything in it."""
+    account = account_of(cfg)
+    blocked = unreachable_parent(cfg.gateway.state_dir, account.uid, account.gid)
     if blocked:
         raise SystemExit(
-            f"mailgate: gateway.user {user.pw_name} cannot reach gateway.state_dir {cfg.gateway.state_dir}: "
+            f"mailgate: gateway.user {account.name} cannot reach gateway.state_dir {cfg.gateway.state_dir}: "
             f"{blocked} is not searchable by it; choose a state_dir under a directory it can enter "
             '(like /var/lib/mailgate), or set gateway.user = "" to keep running as root'
         )
     for top, dirs, files in os.walk(cfg.gateway.state_dir):
         for name in [top, *(os.path.join(top, d) for d in dirs), *(os.path.join(top, f) for f in files)]:
             st = os.lstat(name)
-            if st.st_uid != user.pw_uid or st.st_gid != gid:
-                os.lchown(name, user.pw_uid, gid)
-    if os.path.exists(cfg.control_socket):
-        os.chown(cfg.control_socket, user.pw_uid, gid)
-    os.initgroups(user.pw_name, gid)
-    os.setgid(gid)
-    os.setuid(user.pw_uid)
-    log.info("running as {user} (uid {uid})", user=user.pw_name, uid=user.pw_uid)
+            if st.st_uid != account.uid or st.st_gid != account.gid:
+                os.lchown(name, account.uid, account.gid)
+    return account
+
+
+def become(account: Account) -> None:
+    """Drop root for good."""
+    os.initgroups(account.name, account.gid)
+    os.setgid(account.gid)
+    os.setuid(account.uid)
+    log.info("running as {user} (uid {uid})", user=account.name, uid=account.uid)
 
 
 def unreachable_parent(path: str, uid: int, gid: int) -> str | None:
@@ -136,8 +160,43 @@ def unreachable_parent(path: str, uid: int, gid: int) -> str | None:
     return None
 
 
-def make_service(cfg: configuration.Config, reactor: Any = global_reactor) -> MultiService:
-    """Build the whole gateway from its configuration."""
+def smtp_factory_maker(
+    cfg: configuration.Config, reception: Reception, reactor: Any
+) -> tuple[Callable[[configuration.ListenerConfig], SmtpServerFactory], list[Service]]:
+    """What every SMTP listener shares (TLS context, credentials), and a factory per listener.
+
+    Returns the factory maker and the services (thread pools) the caller must run.
+    """
+    tls_context = server_context(cfg.tls, cfg.gateway.hostname, cfg.gateway.state_dir)
+    credentials = None
+    services: list[Service] = []
+    if cfg.auth.credentials_file:
+        # password hashes are slow on purpose: they get their own small pool
+        hashing = ThreadPoolService("auth", 2)
+        services.append(hashing)
+        try:
+            credentials = FileCredentials.from_file(
+                cfg.auth.credentials_file, reactor=reactor, threadpool=hashing.pool
+            )
+        except OSError as error:
+            raise configuration.ConfigError(
+                cfg.source, "auth.credentials_file", f"cannot read {error.filename}: {error.strerror}"
+            ) from None
+        except CredentialsError as error:
+            raise configuration.ConfigError(cfg.source, "auth.credentials_file", str(error)) from None
+
+    def make_factory(listener: configuration.ListenerConfig) -> SmtpServerFactory:
+        return SmtpServerFactory.from_config(
+            cfg, listener, reception, tls_context=tls_context, credentials=credentials, reactor=reactor
+        )
+
+    return make_factory, services
+
+
+def make_service(
+    cfg: configuration.Config, reactor: Any = global_reactor, config_path: str | None = None
+) -> MultiService:
+    """Build the whole gateway from its configuration (read from `config_path`)."""
     os.makedirs(cfg.gateway.state_dir, mode=0o750, exist_ok=True)
     top = GatewayService(cfg)
 
@@ -158,30 +217,22 @@ def make_service(cfg: configuration.Config, reactor: Any = global_reactor) -> Mu
     SpoolRecovery(spool, manager.scan).setServiceParent(top)
     manager.setServiceParent(top)
 
-    tls_context = server_context(cfg.tls, cfg.gateway.hostname, cfg.gateway.state_dir)
-    credentials = None
-    if cfg.auth.credentials_file:
-        # password hashes are slow on purpose: they get their own small pool
-        hashing = ThreadPoolService("auth", 2)
-        hashing.setServiceParent(top)
-        try:
-            credentials = FileCredentials.from_file(
-                cfg.auth.credentials_file, reactor=reactor, threadpool=hashing.pool
-            )
-        except OSError as error:
-            raise configuration.ConfigError(
-                cfg.source, "auth.credentials_file", f"cannot read {error.filename}: {error.strerror}"
-            ) from None
-        except CredentialsError as error:
-            raise configuration.ConfigError(cfg.source, "auth.credentials_file", str(error)) from None
-    for listener in cfg.smtp.listeners:
-        factory = SmtpServerFactory.from_config(
-            cfg, listener, reception, tls_context=tls_context, credentials=credentials, reactor=reactor
-        )
-        endpoint = serverFromString(reactor, listener.endpoint)
-        service = StreamServerEndpointService(endpoint, factory)
-        service._raiseSynchronously = True  # a port in use stops start-up with a clear error
-        service.setServiceParent(top)
+    if cfg.smtp.workers and cfg.smtp.listeners:
+        # the listeners are served by worker processes; this one delivers. Check what
+        # they will load (and make the self-signed certificate) once, here, first.
+        smtp_factory_maker(cfg, reception, reactor)
+        SmtpWorkers(
+            cfg.smtp.workers, config_path, [lst.endpoint for lst in cfg.smtp.listeners], manager.wake, reactor
+        ).setServiceParent(top)
+    else:
+        make_factory, services = smtp_factory_maker(cfg, reception, reactor)
+        for service in services:
+            service.setServiceParent(top)
+        for listener in cfg.smtp.listeners:
+            endpoint = serverFromString(reactor, listener.endpoint)
+            port = StreamServerEndpointService(endpoint, make_factory(listener))
+            port._raiseSynchronously = True  # a port in use stops start-up with a clear error
+            port.setServiceParent(top)
 
     control = StreamServerEndpointService(
         UNIXServerEndpoint(reactor, cfg.control_socket, mode=0o600, wantPID=True),
@@ -214,7 +265,8 @@ class SpoolRecovery(Service):
 def makeService(options: Options) -> IServiceCollection:
     cfg: configuration.Config = options["loaded"]
     try:
-        return make_service(cfg)
+        path = options["config"]
+        return make_service(cfg, config_path=os.path.abspath(path) if path else None)
     except configuration.ConfigError as error:
         sys.stderr.write(f"mailgate: {error}\n")
         raise SystemExit(1) from None

@@ -9,7 +9,8 @@ A queue id is 17 characters::
   alphabet in ASCII order) of the POSIX time in microseconds, strictly
   increasing within the process, so ids sort by arrival time;
 - 2 random base32 characters (10 bits), so that a restart after the clock
-  stepped back cannot reuse an id;
+  stepped back cannot reuse an id; when several processes share a spool (the
+  SMTP worker processes), the first of them is the process's tag instead;
 - 4 upper-case hex characters: the *slot*, ``(microseconds >> 20) & 0xFFFF``,
   a counter that advances about once a second. The hashed subdirectories are
   taken from this tail (last character first), so the messages committed in
@@ -42,16 +43,24 @@ def _base32(value: int, width: int) -> str:
 class QueueIds:
     """Makes queue ids; safe to call from any thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, tag: int | None = None) -> None:
         self._last = 0
         self._lock = threading.Lock()
         self._random = random.Random(os.urandom(16))
+        if tag is not None and not 0 <= tag < 32:
+            raise ValueError(f"a queue id tag is 0-31, not {tag}")
+        self._tag = tag
 
     def next(self) -> str:
         with self._lock:
             micros = max(time.time_ns() // 1000, self._last + 1)
             self._last = micros
             noise = self._random.getrandbits(10)
+        if self._tag is not None:
+            # several processes share one spool: each has its own tag in the first
+            # random character, and its own strictly increasing clock, so no two
+            # processes can ever make the same id
+            noise = (self._tag << 5) | (noise & 31)
         slot = (micros >> 20) & 0xFFFF
         return f"{_base32(micros, 11)}{ALPHABET[noise >> 5]}{ALPHABET[noise & 31]}{slot:04X}"
 

@@ -127,6 +127,8 @@ class DirectorySpool:
         fsync: bool = True,
         memory_limit: int = MEMORY_LIMIT,
         now: Callable[[], float] | None = None,
+        id_tag: int | None = None,
+        remember_commits: bool = True,
     ) -> None:
         self.layout = Layout(path, hash_levels)
         self.disk = Disk(fsync=fsync)
@@ -134,7 +136,9 @@ class DirectorySpool:
         self.memory_limit = memory_limit
         self.now: Callable[[], float] = now or time.time
         self.recovery: RecoveryReport | None = None  # set by recover()
-        self._ids = QueueIds()
+        self._ids = QueueIds(id_tag)
+        # an SMTP worker process only writes: another process delivers and removes
+        self._remember_commits = remember_commits
         self._known: dict[str, Stored] = {}  # what this process wrote or read: no disk read needed
         self._corrupt: set[str] = set()
         self._subscribers: list[Callable[[str], None]] = []
@@ -158,7 +162,8 @@ class DirectorySpool:
 
     def _committed(self, stored: Stored) -> str:
         queue_id = stored.message.queue_id
-        self._known[queue_id] = stored
+        if self._remember_commits:
+            self._known[queue_id] = stored
         for callback in builtins.list(self._subscribers):
             try:
                 callback(queue_id)

@@ -1,0 +1,228 @@
+"""SMTP worker processes: the listeners served by several processes, as Postfix does.
+
+One Python process runs one core. The main process binds the listening sockets
+(as root, before it drops privileges), stops accepting on them, and hands them
+to `smtp.workers` worker processes (``python -m gateway.smtp.workers``). Each
+worker runs the SMTP server and commits what it receives into the shared spool
+with a queue-id tag of its own; after each commit it writes the queue id on its
+stdout, and the main process's queue manager delivers it. A worker's log lines
+come to the main process on stderr and go into its log. A worker stops when its
+stdin closes, so a main process that dies (even by kill -9) takes its workers
+with it; a worker that dies is started again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.address import IPv6Address
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+
+log = Logger(namespace="mailgate.workers")
+
+RESTART_DELAY = 1.0
+
+
+class WorkerLink(ProcessProtocol):
+    """The main process's end of one worker: queue ids in, log lines in."""
+
+    def __init__(self, pool: SmtpWorkers, index: int) -> None:
+        self.pool = pool
+        self.index = index
+        self._out = b""
+        self._err = b""
+        self.log = Logger(namespace=f"mailgate.smtpd.{index}")
+
+    def outReceived(self, data: bytes) -> None:
+        self._out += data
+        *lines, self._out = self._out.split(b"\n")
+        for line in lines:
+            if line:
+                self.pool.on_queued(line.decode("ascii", "replace"))
+
+    def errReceived(self, data: bytes) -> None:
+        self._err += data
+        *lines, self._err = self._err.split(b"\n")
+        for line in lines:
+            level, _, text = line.decode("utf-8", "replace").partition(" ")
+            self.log.emit(
+                LogLevel.levelWithName(level) if level in _LEVELS else LogLevel.info, "{text}", text=text
+            )
+
+    def processEnded(self, reason: Failure) -> None:
+        self.pool.ended(self, reason)
+
+
+_LEVELS = {"debug", "info", "warn", "error", "critical"}
+
+
+class SmtpWorkers(Service):
+    """Starts, watches and restarts the SMTP worker processes."""
+
+    def __init__(
+        self,
+        count: int,
+        config_path: str | None,
+        endpoints: list[str],
+        on_queued: Callable[[str], None],
+        reactor: Any,
+    ) -> None:
+        self.count = count
+        self.config_path = config_path
+        self.endpoints = endpoints
+        self.ports: list[tuple[IListeningPort, str]] = []  # bound by the main process
+        self.on_queued = on_queued
+        self.reactor = reactor
+        self.links: dict[int, Any] = {}  # index -> IProcessTransport
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
+        for endpoint in self.endpoints:
+            bound: list[IListeningPort] = []
+            failed: list[Failure] = []
+            server = serverFromString(self.reactor, endpoint)  # type: ignore[no-untyped-call]
+            server.listen(Factory()).addCallbacks(bound.append, failed.append)
+            if failed:
+                failed[0].raiseException()  # a port in use stops start-up with a clear error
+            bound[0].stopReading()  # type: ignore[attr-defined]  # the workers accept; the main process only holds the socket
+            self.ports.append((bound[0], endpoint))
+        for index in range(1, self.count + 1):
+            self._spawn(index)
+
+    def stopService(self) -> None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        for transport in list(self.links.values()):
+            transport.closeStdin()  # the worker finishes its sessions' commits and exits
+        for port, _endpoint in self.ports:
+            port.stopListening()
+        self.ports = []
+
+    def _spawn(self, index: int) -> None:
+        child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
+        fds = []
+        for number, (port, endpoint) in enumerate(self.ports):
+            fd = 3 + number
+            child_fds[fd] = port.fileno()  # type: ignore[attr-defined]
+            family = "6" if isinstance(port.getHost(), IPv6Address) else "4"
+            fds.append(f"{fd}:{family}:{endpoint}")
+        argv = [sys.executable, "-m", "gateway.smtp.workers", "--index", str(index)]
+        if self.config_path:
+            argv += ["--config", self.config_path]
+        for spec in fds:
+            argv += ["--listener", spec]
+        link = WorkerLink(self, index)
+        self.links[index] = self.reactor.spawnProcess(
+            link, sys.executable, argv, env=dict(os.environ), path=os.getcwd(), childFDs=child_fds
+        )
+        log.info("smtpd worker {index} started (pid {pid})", index=index, pid=self.links[index].pid)
+
+    def ended(self, link: WorkerLink, reason: Failure) -> None:
+        self.links.pop(link.index, None)
+        if not self.running:
+            return
+        log.error(
+            "smtpd worker {index} ended ({reason}); starting it again",
+            index=link.index,
+            reason=reason.getErrorMessage(),
+        )
+        self.reactor.callLater(RESTART_DELAY, self._restart, link.index)
+
+    def _restart(self, index: int) -> None:
+        if not self.running or index in self.links:
+            return
+        try:
+            self._spawn(index)
+        except OSError as error:
+            # started as root, we are no longer: the interpreter may be out of our reach
+            log.error(
+                "cannot start smtpd worker {index} again: {error}; the other workers go on, "
+                "restart the gateway to get it back",
+                index=index,
+                error=error,
+            )
+
+
+class _ParentLink(Protocol):
+    """The worker's stdin/stdout: queue ids out; end of stdin means stop."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self.reactor.running:
+            self.reactor.stop()
+
+
+def _log_to_stderr(event: dict[str, Any]) -> None:
+    from twisted.logger import formatEvent
+
+    text = formatEvent(event)
+    failure = event.get("log_failure")
+    if failure is not None:
+        text += "\n" + failure.getTraceback()
+    level = event.get("log_level", LogLevel.info).name
+    for line in text.splitlines() or [""]:
+        sys.stderr.write(f"{level} {line}\n")
+    sys.stderr.flush()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="gateway.smtp.workers")
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--config")
+    parser.add_argument("--listener", action="append", default=[], help="fd:family:endpoint")
+    args = parser.parse_args(argv)
+
+    from twisted.internet import epollreactor
+
+    epollreactor.install()  # type: ignore[no-untyped-call]
+    from twisted.internet import reactor
+    from twisted.internet.stdio import StandardIO
+    from twisted.logger import globalLogBeginner
+
+    from gateway import config as configuration
+    from gateway.queue.spool import DirectorySpool
+    from gateway.reception import Reception
+    from gateway.tap import account_of, become, smtp_factory_maker
+
+    globalLogBeginner.beginLoggingTo([_log_to_stderr], redirectStandardIO=False)  # type: ignore[list-item]
+    cfg = configuration.load(args.config)
+    spool = DirectorySpool(
+        cfg.spool_dir,
+        reactor=reactor,  # type: ignore[arg-type]
+        hash_levels=cfg.gateway.hash_levels,
+        id_tag=args.index,
+        remember_commits=False,
+    )
+    parent = _ParentLink(reactor)
+    StandardIO(parent, reactor=reactor)  # type: ignore[no-untyped-call]
+    spool.subscribe(lambda queue_id: parent.transport.write(queue_id.encode() + b"\n"))  # type: ignore[union-attr]
+    make_factory, services = smtp_factory_maker(cfg, Reception(spool, cfg.relay), reactor)
+    for service in services:  # thread pools: stopped with the reactor, or they keep us alive
+        service.startService()  # type: ignore[no-untyped-call]
+        reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    listeners = {listener.endpoint: listener for listener in cfg.smtp.listeners}
+    for spec in args.listener:
+        fd_text, family, endpoint = spec.split(":", 2)
+        fd = int(fd_text)
+        reactor.adoptStreamPort(  # type: ignore[attr-defined]
+            fd, socket.AF_INET6 if family == "6" else socket.AF_INET, make_factory(listeners[endpoint])
+        )
+        os.close(fd)  # adoptStreamPort duplicated it
+    if os.getuid() == 0 and cfg.gateway.user:
+        become(account_of(cfg))  # the main process started us as root, before it dropped
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()
