@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import attrs
 from twisted.internet import error as neterror
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, UNIXClientEndpoint
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
@@ -242,7 +242,7 @@ class Dialer:
             if ok:
                 self.cache.put(target, session)
 
-        reset: Deferred[None] = ensureDeferred(session.reset()).addCallback(parked)
+        reset: Deferred[None] = session.reset().addCallback(parked)
         self._releasing.add(reset)
 
     async def close(self) -> None:

@@ -1,20 +1,23 @@
 """The wire layer of the SMTP/LMTP client: replies in, commands out, timeouts.
 
 `ClientProtocol` reads replies into one bounded buffer and hands each to the
-oldest waiting Deferred, so pipelined commands get their replies in order. One
-timer watches the oldest waiter (like Postfix's per-read timeouts). STARTTLS
+oldest waiter, so pipelined commands get their replies in order; a pipelined
+group of commands (`send_batch`) shares one Deferred that fires with all its
+replies. One timer watches the oldest waiter (like Postfix's per-read
+timeouts): it is moved on to the next waiter, not made anew for each reply. STARTTLS
 throws away whatever plaintext came after the 220 before the handshake (R7).
 `MessageSender` streams the message file through a `DotStuffer` as a push
-producer: memory stays bounded by the transport's buffer, not the message.
+producer: memory stays bounded by the transport's buffer, not the message. A
+message shorter than one chunk goes out in a single write with its terminator
+(no producer, no timer: there is nothing left to stream).
 """
 
 from __future__ import annotations
 
 import collections
 import re
-from typing import IO
+from typing import IO, Any
 
-import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -62,12 +65,28 @@ def parse_reply(lines: list[bytes]) -> Reply:
     return Reply(code, enhanced, "\n".join(texts))
 
 
-@attrs.define
 class _Waiter:
-    deferred: Deferred[Reply]
-    stage: str  # "receiving the initial server greeting", for error texts
-    timeout: float
-    tls: object = None  # TLS options: start TLS with them on a 220
+    """One reply expected: for its own Deferred, or for a batch's list (`replies`).
+
+    In a batch every waiter appends its reply to the shared `replies` list; only
+    the last one has the Deferred, which fires with the whole list.
+    """
+
+    __slots__ = ("deferred", "replies", "stage", "timeout", "tls")
+
+    def __init__(
+        self,
+        deferred: Deferred[Any] | None,
+        stage: str,  # "receiving the initial server greeting", for error texts
+        timeout: float,
+        tls: object = None,  # TLS options: start TLS with them on a 220
+        replies: list[Reply] | None = None,
+    ) -> None:
+        self.deferred = deferred
+        self.stage = stage
+        self.timeout = timeout
+        self.tls = tls
+        self.replies = replies
 
 
 @implementer(IHandshakeListener)
@@ -152,21 +171,42 @@ class ClientProtocol(Protocol):
             self.transport.write(b"".join(line + b"\r\n" for line, _stage, _timeout in commands))
         return replies
 
+    def send_batch(self, commands: list[tuple[bytes, str, float]]) -> Deferred[list[Reply]]:
+        """Write commands in one go (pipelining); one Deferred for all their replies, in order.
+
+        It fails with the ClientError if the connection breaks before the last reply.
+        """
+        deferred: Deferred[list[Reply]] = self._batch(
+            [(stage, timeout) for _line, stage, timeout in commands]
+        )
+        if not self.closed:
+            assert self.transport is not None
+            self.transport.write(b"".join([line + b"\r\n" for line, _stage, _timeout in commands]))
+        return deferred
+
     def command(self, line: bytes, stage: str, timeout: float) -> Deferred[Reply]:
-        return self.send([(line, stage, timeout)])[0]
+        deferred = self._expect(stage, timeout)
+        if not self.closed:
+            assert self.transport is not None
+            self.transport.write(line + b"\r\n")
+        return deferred
 
     def expect(self, stage: str, timeout: float) -> Deferred[Reply]:
         """Wait for a reply without sending anything (end of data, LMTP replies)."""
         return self._expect(stage, timeout)
 
+    def expect_batch(self, stage: str, timeout: float, count: int) -> Deferred[list[Reply]]:
+        """Wait for `count` replies without sending anything; one Deferred for all of them."""
+        return self._batch([(stage, timeout)] * count)
+
     def starttls(self, options: object, timeout: float) -> Deferred[Reply]:
         """STARTTLS; on a 220 the handshake starts before anything else is read."""
-        waiter = _Waiter(Deferred(), "receiving the STARTTLS response", timeout, tls=options)
-        self._add(waiter)
+        deferred: Deferred[Reply] = Deferred()
+        self._add(_Waiter(deferred, "receiving the STARTTLS response", timeout, tls=options))
         if not self.closed:
             assert self.transport is not None
             self.transport.write(b"STARTTLS\r\n")
-        return waiter.deferred
+        return deferred
 
     def abort(self, error: ClientError | None = None) -> None:
         if error is not None and self.error is None:
@@ -186,14 +226,23 @@ class ClientProtocol(Protocol):
     # -- internals ------------------------------------------------------------------
 
     def _expect(self, stage: str, timeout: float) -> Deferred[Reply]:
-        waiter = _Waiter(Deferred(), stage, timeout)
-        self._add(waiter)
-        return waiter.deferred
+        deferred: Deferred[Reply] = Deferred()
+        self._add(_Waiter(deferred, stage, timeout))
+        return deferred
+
+    def _batch(self, stages: list[tuple[str, float]]) -> Deferred[list[Reply]]:
+        deferred: Deferred[list[Reply]] = Deferred()
+        replies: list[Reply] = []
+        last = len(stages) - 1
+        for n, (stage, timeout) in enumerate(stages):
+            self._add(_Waiter(deferred if n == last else None, stage, timeout, replies=replies))
+        return deferred
 
     def _add(self, waiter: _Waiter) -> None:
         if self.closed:
             assert self.error is not None
-            waiter.deferred.errback(self.error)
+            if waiter.deferred is not None:
+                waiter.deferred.errback(self.error)
             return
         self._waiters.append(waiter)
         if self._timer is None:
@@ -216,9 +265,13 @@ class ClientProtocol(Protocol):
         if not self._waiters:
             self._fail(f"{self.peer} sent a reply nobody asked for: {str(reply)[:80]}")
             return
-        waiter = self._waiters.popleft()
-        self._cancel_timer()
-        if self._waiters:
+        waiters = self._waiters
+        waiter = waiters.popleft()
+        if not waiters:
+            self._cancel_timer()
+        elif self._timer is not None and self._timer.active():
+            self._timer.reset(waiters[0].timeout)  # the next reply gets its full time
+        else:
             self._start_timer()
         if waiter.tls is not None and reply.code == 220:
             # R7: whatever came after the 220 was sent in plaintext; drop it
@@ -227,19 +280,24 @@ class ClientProtocol(Protocol):
             self.tls_started = True
             transport = ITLSTransport(self.transport)
             transport.startTLS(waiter.tls)  # type: ignore[arg-type]
-        waiter.deferred.callback(reply)
+        if waiter.replies is not None:
+            waiter.replies.append(reply)
+            if waiter.deferred is not None:
+                waiter.deferred.callback(waiter.replies)
+        elif waiter.deferred is not None:
+            waiter.deferred.callback(reply)
 
     def _start_timer(self) -> None:
-        head = self._waiters[0]
-        self._timer = self.clock.callLater(head.timeout, self._timed_out, head.stage)
+        self._timer = self.clock.callLater(self._waiters[0].timeout, self._timed_out)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
-    def _timed_out(self, stage: str) -> None:
+    def _timed_out(self) -> None:
         self._timer = None
+        stage = self._waiters[0].stage if self._waiters else "idle"
         self.abort(ClientError(f"conversation with {self.peer} timed out while {stage}"))
         if not self.closed:  # a transport that does not report the abort at once
             self.connectionLost(Failure(self.error))  # type: ignore[no-untyped-call]
@@ -250,7 +308,8 @@ class ClientProtocol(Protocol):
     def _fail_all(self, error: ClientError) -> None:
         waiters, self._waiters = self._waiters, collections.deque()
         for waiter in waiters:
-            waiter.deferred.errback(error)
+            if waiter.deferred is not None:
+                waiter.deferred.errback(error)
         if self.sender is not None:
             self.sender.stop(error)
 
@@ -276,11 +335,28 @@ class MessageSender:
         self._paused = False
         self._running = False
         self._timer: IDelayedCall | None = None
+        self._pending = b""  # read by `start`, not yet sent
 
     def start(self) -> Deferred[None]:
-        assert self.protocol.transport is not None
+        transport = self.protocol.transport
+        assert transport is not None
+        try:
+            chunk = self.message.read(self.chunk_size)
+        except OSError as error:
+            self.finished = True
+            self.message.close()
+            self.done.errback(ClientError(f"cannot read the queued message: {error}", "4.3.0"))
+            self.protocol.abort(ClientError(f"cannot read the queued message: {error}", "4.3.0"))
+            return self.done
+        if len(chunk) < self.chunk_size:  # the whole message (a short read is the end of the file)
+            self.finished = True
+            self.message.close()
+            transport.write(self.stuffer.encode(chunk) + self.stuffer.finish())
+            self.done.callback(None)
+            return self.done
+        self._pending = chunk
         self.protocol.sender = self
-        self.protocol.transport.registerProducer(self, True)  # type: ignore[attr-defined]
+        transport.registerProducer(self, True)  # type: ignore[attr-defined]
         self._touch()
         self.resumeProducing()
         return self.done
@@ -297,7 +373,10 @@ class MessageSender:
             transport = self.protocol.transport
             assert transport is not None
             while not self._paused and not self.finished:
-                chunk = self.message.read(self.chunk_size)
+                if self._pending:
+                    chunk, self._pending = self._pending, b""
+                else:
+                    chunk = self.message.read(self.chunk_size)
                 if not chunk:
                     self._finish(self.stuffer.finish())
                     break

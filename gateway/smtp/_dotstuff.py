@@ -33,8 +33,12 @@ class DotStuffer:
                     return b""
         if chunk[-1:] == b"\r":
             self._after_cr = True
-        # CRLF -> LF, lone CR -> LF, then every LF -> CRLF: no CR or LF is left bare
-        text = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+        lines = chunk.count(b"\n")
+        if chunk.count(b"\r") == lines and chunk.count(b"\r\n") == lines:
+            text = chunk  # every CR and every LF is already part of a CRLF (the usual case)
+        else:
+            # CRLF -> LF, lone CR -> LF, then every LF -> CRLF: no CR or LF is left bare
+            text = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
         text = text.replace(b"\r\n.", b"\r\n..")
         if self._line_start and text[:1] == b".":
             text = b"." + text

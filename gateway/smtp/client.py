@@ -23,10 +23,9 @@ import enum
 import hashlib
 import hmac
 from collections.abc import Sequence
-from typing import cast
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
 from gateway.model import Body, Envelope, Recipient, RecipientResult
@@ -356,8 +355,7 @@ class ClientSession:
         pipelining = "PIPELINING" in self.extensions
         if pipelining:
             commands.append((b"DATA", "receiving the DATA response", settings.data_init_timeout))
-            deferreds = self.protocol.send(commands)
-            replies = await _all(deferreds)
+            replies = await self.protocol.send_batch(commands)
             mail_reply, rcpt_replies, data_reply = replies[0], replies[1:-1], replies[-1]
         else:
             mail_reply = await self.protocol.command(*commands[0])
@@ -409,9 +407,10 @@ class ClientSession:
         stage = "receiving the end of data response"
         count = len(accepted) if self.lmtp else 1
         try:
-            final = await _all(
-                [self.protocol.expect(stage, settings.data_done_timeout) for _ in range(count)]
-            )
+            if count == 1:
+                final = [await self.protocol.expect(stage, settings.data_done_timeout)]
+            else:
+                final = await self.protocol.expect_batch(stage, settings.data_done_timeout, count)
         except ClientError as error:
             # the message was sent; it may have been taken: no other host this round
             error_failure = SessionFailure.from_error(error, self.relay)
@@ -439,16 +438,14 @@ class ClientSession:
 
     # -- after a transaction ------------------------------------------------------------
 
-    async def reset(self) -> bool:
-        """RSET; True if the session can carry another transaction."""
+    def reset(self) -> Deferred[bool]:
+        """RSET; fires with True if the session can carry another transaction."""
         if self.protocol.closed or self.protocol.busy:
-            return False
-        try:
-            reply = await self.protocol.command(
-                b"RSET", "receiving the RSET response", self.settings.rset_timeout
-            )
-        except ClientError:
-            return False
+            return succeed(False)
+        reply = self.protocol.command(b"RSET", "receiving the RSET response", self.settings.rset_timeout)
+        return reply.addCallbacks(self._reset_reply, _reset_failed)
+
+    def _reset_reply(self, reply: Reply) -> bool:
         if not reply.is_positive:
             self.quit()
             return False
@@ -478,12 +475,6 @@ def _unsafe(address: str) -> bool:
     return any(c in address for c in "\r\n\0<>") or any(ord(c) < 32 for c in address)
 
 
-async def _all(deferreds: list[Deferred[Reply]]) -> list[Reply]:
-    """Every reply, in order; the first ClientError if the connection broke."""
-    outcomes = await DeferredList(deferreds, consumeErrors=True)
-    replies: list[Reply] = []
-    for ok, value in outcomes:
-        if not ok:
-            cast(Failure, value).raiseException()
-        replies.append(value)
-    return replies
+def _reset_failed(failure: Failure) -> bool:
+    failure.trap(ClientError)  # type: ignore[no-untyped-call]
+    return False
