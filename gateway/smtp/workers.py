@@ -87,6 +87,14 @@ class SmtpWorkers(Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()  # type: ignore[no-untyped-call]
+        self._bind_and_spawn()
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        if not self.ports:  # a runner that has no privileged start (`python -m twisted`)
+            self._bind_and_spawn()
+
+    def _bind_and_spawn(self) -> None:
         for endpoint in self.endpoints:
             bound: list[IListeningPort] = []
             failed: list[Failure] = []
