@@ -3,8 +3,9 @@ keeping them open between messages (`ConnectionCache`, after Postfix's scache).
 
 Reusing a session saves the TCP and TLS handshakes and the EHLO round trips:
 for many small messages to one next hop that is most of the cost. After each
-transaction the session is RSET and parked for `idle_timeout` seconds; it is
-closed after `max_reuse` transactions or `max_age` seconds.
+transaction the session is parked for `idle_timeout` seconds; the next
+transaction on it starts with RSET (pipelined with MAIL FROM when offered); it
+is closed after `max_reuse` transactions or `max_age` seconds.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ class ConnectionCache:
         return None
 
     def put(self, target: Target, session: ClientSession) -> None:
-        """Park a session that has just been RSET; closes it if it has done enough."""
+        """Park a session after its transaction; closes it if it has done enough."""
         worn = session.transactions >= self.max_reuse or (
             self.clock.seconds() - session.created >= self.max_age
         )
@@ -171,7 +172,6 @@ class Dialer:
         self.cache = cache
         self.tls = tls or ClientTls()
         self.endpoint_for = endpoint_for or self._endpoint
-        self._releasing: set[Deferred[None]] = set()
         self._live: set[ClientProtocol] = set()  # every open connection, for shutdown
 
     def _endpoint(self, target: Target) -> IStreamClientEndpoint:
@@ -221,7 +221,7 @@ class Dialer:
                     delivery.envelope, recipients, delivery.message_path, delivery.size
                 )
             except SessionFailure:
-                # a cached session the server had closed meanwhile: nothing was sent
+                # a cached session the server had closed meanwhile (or that refused its RSET)
                 session.abort()
                 session = None
             else:
@@ -233,21 +233,13 @@ class Dialer:
         return outcomes
 
     def _release(self, target: Target, session: ClientSession) -> None:
-        if not session.usable:
+        if not session.park():
             session.abort()
             return
-
-        def parked(ok: bool) -> None:
-            self._releasing.discard(reset)
-            if ok:
-                self.cache.put(target, session)
-
-        reset: Deferred[None] = session.reset().addCallback(parked)
-        self._releasing.add(reset)
+        self.cache.put(target, session)
 
     async def close(self) -> None:
-        """Wait for sessions being RSET, then QUIT every cached one (on shutdown)."""
-        await DeferredList(list(self._releasing))
+        """QUIT every cached session (on shutdown), abort the others that are idle."""
         await self.cache.close_all()
         closing = [protocol.when_closed() for protocol in self._live]
         for protocol in list(self._live):

@@ -10,7 +10,10 @@ STARTTLS response injection, no pipelining or ESMTP parameters). A
 - `deliver()`: MAIL FROM with SIZE, BODY, SMTPUTF8 and DSN parameters, RCPTs and
   DATA pipelined when offered, the message streamed and dot-stuffed; one
   `Outcome` per recipient (LMTP: one end-of-data reply per accepted recipient);
-- `reset()` (RSET) before the session goes back to a `ConnectionCache`, `quit()`.
+- `park()` before the session goes back to a `ConnectionCache`: its RSET then
+  goes out in front of the next transaction's MAIL FROM, in the same write when
+  the server offers PIPELINING (Postfix, too, sends RSET to check that a cached
+  session is still usable); `reset()` (RSET now), `quit()`.
 
 A failure of the session as a whole raises `SessionFailure`, which carries the
 reply (or our own reason) to apply to every recipient still waiting.
@@ -137,6 +140,7 @@ class ClientSession:
         self.tls = False
         self.authenticated = False
         self.transactions = 0
+        self.rset_pending = False  # parked: RSET before the next MAIL FROM
 
     # -- session set-up ---------------------------------------------------------------
 
@@ -353,9 +357,17 @@ class ClientSession:
                 (self._rcpt_command(recipients[i]), "receiving the RCPT TO response", settings.rcpt_timeout)
             )
         pipelining = "PIPELINING" in self.extensions
+        rset, self.rset_pending = self.rset_pending, False
+        if rset and not pipelining:
+            self._check_rset(await self.protocol.command(*_rset_command(settings)))
         if pipelining:
             commands.append((b"DATA", "receiving the DATA response", settings.data_init_timeout))
+            if rset:
+                commands.insert(0, _rset_command(settings))
             replies = await self.protocol.send_batch(commands)
+            if rset:
+                self._check_rset(replies[0])
+                replies = replies[1:]
             mail_reply, rcpt_replies, data_reply = replies[0], replies[1:-1], replies[-1]
         else:
             mail_reply = await self.protocol.command(*commands[0])
@@ -436,7 +448,21 @@ class ClientSession:
         self.protocol.transport.write(b".\r\n")
         await self.protocol.expect("receiving the end of data response", self.settings.data_done_timeout)
 
+    def _check_rset(self, reply: Reply) -> None:
+        """A refused RSET: the session is not fit for another transaction (nothing is sent)."""
+        if reply.is_positive:
+            return
+        self.protocol.abort()  # not QUIT: a pipelined DATA may have had its 354
+        raise SessionFailure(451, "4.4.2", _said(self.relay, reply, "RSET"), self.relay)
+
     # -- after a transaction ------------------------------------------------------------
+
+    def park(self) -> bool:
+        """After a transaction; True if the session can carry another (RSET goes with it)."""
+        if not self.usable:
+            return False
+        self.rset_pending = True
+        return True
 
     def reset(self) -> Deferred[bool]:
         """RSET; fires with True if the session can carry another transaction."""
@@ -469,6 +495,10 @@ class ClientSession:
     @property
     def usable(self) -> bool:
         return not self.protocol.closed and not self.protocol.busy
+
+
+def _rset_command(settings: ClientSettings) -> tuple[bytes, str, float]:
+    return (b"RSET", "receiving the RSET response", settings.rset_timeout)
 
 
 def _unsafe(address: str) -> bool:

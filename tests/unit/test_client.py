@@ -632,6 +632,61 @@ def test_reset_refused_closes() -> None:
     assert dialogue.sent() == b"QUIT\r\n"
 
 
+def test_parked_session_sends_rset_with_the_next_mail(tmp_path: Path) -> None:
+    dialogue = Dialogue()
+    dialogue.open()
+    delivered = deliver(dialogue, message_file(tmp_path))
+    dialogue.server(b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n250 queued\r\n")
+    assert all(o.result.delivered for o in result_of(delivered))
+    dialogue.sent()
+    assert dialogue.session.park()
+    assert dialogue.sent() == b""  # nothing until the next transaction
+    delivered = deliver(dialogue, message_file(tmp_path))
+    assert dialogue.sent().startswith(b"RSET\r\nMAIL FROM:<a@example.org> SIZE=100")
+    dialogue.server(b"250 reset\r\n250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+    assert dialogue.sent().endswith(b"\r\n.\r\n")
+    dialogue.server(b"250 queued\r\n")
+    assert all(o.result.delivered for o in result_of(delivered))
+    assert not dialogue.session.rset_pending
+
+
+def test_parked_session_without_pipelining_waits_for_the_rset(tmp_path: Path) -> None:
+    dialogue = Dialogue()
+    dialogue.open(b"250-mx.test\r\n250 SIZE 10000\r\n")
+    dialogue.session.park()
+    delivered = deliver(dialogue, message_file(tmp_path))
+    assert dialogue.sent() == b"RSET\r\n"
+    dialogue.server(b"250 reset\r\n")
+    assert dialogue.sent().startswith(b"MAIL FROM:")
+    assert not delivered.called
+
+
+def test_parked_session_refusing_rset_fails_without_sending(tmp_path: Path) -> None:
+    dialogue = Dialogue()
+    dialogue.open()
+    dialogue.session.park()
+    delivered = deliver(dialogue, message_file(tmp_path))
+    dialogue.sent()
+    dialogue.server(b"503 no\r\n250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+    error = failure_of(delivered)
+    assert isinstance(error, SessionFailure)
+    assert error.failover
+    assert "(in reply to RSET command)" in error.text
+    assert dialogue.transport.aborted
+    assert dialogue.sent() == b""  # no body, no final dot: nothing delivered
+
+
+def test_parked_session_lost_before_the_rset_reply(tmp_path: Path) -> None:
+    dialogue = Dialogue()
+    dialogue.open()
+    dialogue.session.park()
+    delivered = deliver(dialogue, message_file(tmp_path))
+    dialogue.lose()
+    error = failure_of(delivered)
+    assert isinstance(error, SessionFailure)
+    assert error.text == f"lost connection with {PEER} while receiving the RSET response"
+
+
 def test_quit_closes_after_the_reply() -> None:
     dialogue = Dialogue()
     dialogue.open()
