@@ -66,6 +66,9 @@ class GatewayService(MultiService):
         account = None
         if os.getuid() == 0 and self.cfg.gateway.user:
             account = hand_over_state(self.cfg)
+            for child in self:
+                if isinstance(child, SmtpWorkers):
+                    child.drop_privileges = True
         # binds the listeners and the control socket, starts the SMTP workers (which
         # become the user themselves: the interpreter may be where only root can read)
         super().privilegedStartService()

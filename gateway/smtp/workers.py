@@ -84,6 +84,7 @@ class SmtpWorkers(Service):
         self.on_queued = on_queued
         self.reactor = reactor
         self.links: dict[int, Any] = {}  # index -> IProcessTransport
+        self.drop_privileges = False  # set by the gateway when it will drop them itself
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()  # type: ignore[no-untyped-call]
@@ -124,6 +125,8 @@ class SmtpWorkers(Service):
             family = "6" if isinstance(port.getHost(), IPv6Address) else "4"
             fds.append(f"{fd}:{family}:{endpoint}")
         argv = [sys.executable, "-m", "gateway.smtp.workers", "--index", str(index)]
+        if self.drop_privileges:
+            argv.append("--drop-privileges")
         if self.config_path:
             argv += ["--config", self.config_path]
         for spec in fds:
@@ -189,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--config")
     parser.add_argument("--listener", action="append", default=[], help="fd:family:endpoint")
+    parser.add_argument("--drop-privileges", action="store_true", help="become gateway.user once listening")
     args = parser.parse_args(argv)
 
     from twisted.internet import epollreactor
@@ -227,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
             fd, socket.AF_INET6 if family == "6" else socket.AF_INET, make_factory(listeners[endpoint])
         )
         os.close(fd)  # adoptStreamPort duplicated it
-    if os.getuid() == 0 and cfg.gateway.user:
+    if args.drop_privileges:
         become(account_of(cfg))  # the main process started us as root, before it dropped
     reactor.run()
 
