@@ -19,6 +19,7 @@ import attrs
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceCollection, MultiService, Service
 from twisted.internet import reactor as global_reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
@@ -203,9 +204,11 @@ def make_service(
     os.makedirs(cfg.gateway.state_dir, mode=0o750, exist_ok=True)
     top = GatewayService(cfg)
 
-    spool = DirectorySpool(cfg.spool_dir, reactor=reactor, hash_levels=cfg.gateway.hash_levels)
+    # the spool is stopped by SpoolRecovery, the first child: after everything that uses it
+    spool = DirectorySpool(
+        cfg.spool_dir, reactor=reactor, hash_levels=cfg.gateway.hash_levels, stop_with_reactor=False
+    )
     transports = Transports(cfg, reactor)
-    transports.setServiceParent(top)
     manager = QueueManager(
         spool,
         Router(cfg.routes),
@@ -217,7 +220,8 @@ def make_service(
     transports.spool = spool
     reception = Reception(spool, cfg.relay)
     spool.subscribe(manager.wake)
-    SpoolRecovery(spool, manager.scan).setServiceParent(top)
+    SpoolRecovery(spool, manager.scan).setServiceParent(top)  # first started, last stopped
+    transports.setServiceParent(top)
     manager.setServiceParent(top)
 
     if cfg.smtp.workers and cfg.smtp.listeners:
@@ -247,7 +251,10 @@ def make_service(
 
 
 class SpoolRecovery(Service):
-    """On start: clean half-written files and requeue what was active at a crash."""
+    """On start: clean half-written files and requeue what was active at a crash.
+
+    On stop (last, as the first child): finish the spool's pending writes.
+    """
 
     def __init__(self, spool: DirectorySpool, then: Callable[[], None]) -> None:
         self.spool = spool
@@ -263,6 +270,10 @@ class SpoolRecovery(Service):
         self.spool.recover().addCallback(recovered).addErrback(
             lambda failure: log.failure("spool recovery failed", failure)
         )
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.spool.stop()
 
 
 def makeService(options: Options) -> IServiceCollection:

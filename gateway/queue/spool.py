@@ -129,6 +129,7 @@ class DirectorySpool:
         now: Callable[[], float] | None = None,
         id_tag: int | None = None,
         remember_commits: bool = True,
+        stop_with_reactor: bool = True,
     ) -> None:
         self.layout = Layout(path, hash_levels)
         self.disk = Disk(fsync=fsync)
@@ -144,7 +145,7 @@ class DirectorySpool:
         self._subscribers: list[Callable[[str], None]] = []
         self._queued_ops: dict[str, builtins.list[Callable[[], None]]] = {}
         self._lock_fd: int | None = None
-        if IReactorCore.providedBy(reactor):
+        if stop_with_reactor and IReactorCore.providedBy(reactor):
             reactor.addSystemEventTrigger("before", "shutdown", self.stop)
 
     # --- the way in ---------------------------------------------------------------
