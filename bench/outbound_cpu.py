@@ -176,8 +176,21 @@ def run_once(args: argparse.Namespace) -> dict[str, float]:
                 profiler.enable()
             manager.startService()
 
+        def watchdog() -> None:
+            # a dead sink or a stuck delivery would otherwise wait for the retry schedule
+            if sink.poll() is not None or time.perf_counter() - result["wall0"] > args.timeout:
+                result["stuck"] = 1.0
+                reactor.stop()
+            elif "wall" not in result:
+                reactor.callLater(1.0, watchdog)
+
         reactor.callWhenRunning(start)
+        reactor.callWhenRunning(watchdog)
         reactor.run()
+        if "stuck" in result:
+            raise RuntimeError(
+                f"stopped: smtp-sink exit status {sink.poll()}, {state['removed']} of {args.count} delivered"
+            )
         left = len(spool.messages)
         if left or "wall" not in result:
             raise RuntimeError(f"{left} messages left undelivered")
@@ -215,6 +228,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=10240)
     parser.add_argument("--recipients", type=int, default=1)
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--profile-out", metavar="FILE", help="with --profile: also save the pstats data")
     parser.add_argument("--json", action="store_true", help="one JSON line (used by --runs)")
