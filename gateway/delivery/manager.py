@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import attrs
 from twisted.application.service import Service
@@ -21,6 +22,7 @@ from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, in
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from gateway.config import DeliveryConfig
 from gateway.delivery.router import Route, Router
@@ -144,13 +146,24 @@ class QueueManager(Service):
             return
         groups = self._group(pending)
         results: dict[str, RecipientResult] = {}
-        outcomes = yield DeferredList(
-            [
-                self._deliver(message, route, destination, recipients)
-                for (route, destination), recipients in groups.items()
-            ],
-            consumeErrors=True,
-        )
+        outcomes: list[tuple[bool, Any]]
+        if len(groups) == 1:  # the usual case: no DeferredList for one delivery
+            (((route, destination), recipients),) = groups.items()
+            delivering = self._deliver(message, route, destination, recipients)  # raises as before
+            try:
+                value = yield delivering
+            except Exception:
+                outcomes = [(False, Failure())]  # type: ignore[no-untyped-call]
+            else:
+                outcomes = [(True, value)]
+        else:
+            outcomes = yield DeferredList(
+                [
+                    self._deliver(message, route, destination, recipients)
+                    for (route, destination), recipients in groups.items()
+                ],
+                consumeErrors=True,
+            )
         for (ok, value), ((route, _destination), recipients) in zip(outcomes, groups.items(), strict=True):
             if ok:
                 for result in value:
