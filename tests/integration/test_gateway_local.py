@@ -227,7 +227,10 @@ def test_bad_config_stops_start_with_file_line_and_key(tmp_path: os.PathLike[str
         env={**os.environ, "PYTHONPATH": ROOT},
     )
     assert result.returncode != 0
-    assert f"{path}, line 5: smtp.max_recipients: must be an integer, not a string" in result.stdout + result.stderr
+    assert (
+        f"{path}, line 5: smtp.max_recipients: must be an integer, not a string"
+        in result.stdout + result.stderr
+    )
     assert "Traceback" not in result.stdout + result.stderr
 
 
