@@ -64,6 +64,9 @@ class GatewayService(MultiService):
 
     def privilegedStartService(self) -> None:
         raise_open_files_limit(self.cfg.gateway.max_open_files)
+        for child in self:
+            if isinstance(child, SpoolRecovery):
+                child.recover()  # first: it may create the spool, which the user is then given
         account = None
         if os.getuid() == 0 and self.cfg.gateway.user:
             account = hand_over_state(self.cfg)
@@ -260,16 +263,24 @@ class SpoolRecovery(Service):
         self.spool = spool
         self.then = then
 
+    recovered = False
+
+    def privilegedStartService(self) -> None:
+        # before the SMTP workers start (they are later children): recovery deletes
+        # unfinished files, and a worker's commit in progress must not look like one
+        super().privilegedStartService()
+        self.recover()
+
     def startService(self) -> None:
         super().startService()
+        self.recover()  # runners without a privileged start
+        self.then()
 
-        def recovered(count: int) -> None:
+    def recover(self) -> None:
+        if not self.recovered:
+            count = self.spool.recover_now()
+            self.recovered = True
             log.info("spool recovered: {count} message(s) requeued", count=count)
-            self.then()
-
-        self.spool.recover().addCallback(recovered).addErrback(
-            lambda failure: log.failure("spool recovery failed", failure)
-        )
 
     def stopService(self) -> Deferred[None]:
         super().stopService()

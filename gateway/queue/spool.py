@@ -174,24 +174,36 @@ class DirectorySpool:
 
     # --- start and stop --------------------------------------------------------------
 
-    def recover(self) -> Deferred[int]:
-        def recovered(recovery: Recovery) -> int:
-            self._lock_fd = recovery.lock_fd
-            self._known.update(recovery.stored)
-            self._corrupt = recovery.corrupt_ids
-            report = self.recovery = recovery.report
-            log.info(
-                "spool {root}: {messages} message(s), {requeued} requeued from active, "
-                "{removed} unfinished file(s) removed, {corrupt} moved to corrupt",
-                root=self.layout.root,
-                messages=report.messages,
-                requeued=report.requeued,
-                removed=report.removed,
-                corrupt=report.corrupt,
-            )
-            return report.requeued
+    def recover_now(self) -> int:
+        """`recover`, done at once in this thread: at start, before anything else runs.
 
-        return self.committer.submit(Recovery(self.layout, self._lock_fd)).addCallback(recovered)
+        The SMTP worker processes write into the spool too, so recovery (which
+        deletes unfinished files) must be over before they start.
+        """
+        recovery = Recovery(self.layout, self._lock_fd)
+        for phase in (recovery.prepare, recovery.publish):
+            for directory in sorted(set(phase(self.disk))):
+                self.disk.sync_dir(directory)
+        return self._recovered(recovery.finish(self.disk))
+
+    def recover(self) -> Deferred[int]:
+        return self.committer.submit(Recovery(self.layout, self._lock_fd)).addCallback(self._recovered)
+
+    def _recovered(self, recovery: Recovery) -> int:
+        self._lock_fd = recovery.lock_fd
+        self._known.update(recovery.stored)
+        self._corrupt = recovery.corrupt_ids
+        report = self.recovery = recovery.report
+        log.info(
+            "spool {root}: {messages} message(s), {requeued} requeued from active, "
+            "{removed} unfinished file(s) removed, {corrupt} moved to corrupt",
+            root=self.layout.root,
+            messages=report.messages,
+            requeued=report.requeued,
+            removed=report.removed,
+            corrupt=report.corrupt,
+        )
+        return report.requeued
 
     def stop(self) -> Deferred[None]:
         """Finish the pending writes, stop the writer threads and release the lock."""

@@ -27,9 +27,13 @@ def reactor() -> PumpedReactor:
     return PumpedReactor()
 
 
-@pytest.fixture
-def make_spool(tmp_path: Path, reactor: PumpedReactor) -> Iterator[Factory]:
-    """Start a DirectorySpool on tmp_path/spool (stopping the previous one), recovered."""
+@pytest.fixture(params=["recover", "recover_now"])
+def make_spool(tmp_path: Path, reactor: PumpedReactor, request: pytest.FixtureRequest) -> Iterator[Factory]:
+    """Start a DirectorySpool on tmp_path/spool (stopping the previous one), recovered.
+
+    Recovered in the writer thread (`recover`) or at once (`recover_now`, the gateway's
+    start): every test runs with both.
+    """
     spools: list[DirectorySpool] = []
 
     def make(**options: Any) -> DirectorySpool:
@@ -38,7 +42,10 @@ def make_spool(tmp_path: Path, reactor: PumpedReactor) -> Iterator[Factory]:
         options.setdefault("memory_limit", 4096)
         spool = DirectorySpool(str(tmp_path / "spool"), reactor=reactor, **options)
         spools.append(spool)
-        reactor.wait(spool.recover())
+        if request.param == "recover":
+            reactor.wait(spool.recover())
+        else:
+            spool.recover_now()
         return spool
 
     yield make
