@@ -126,9 +126,16 @@ class QueueManager(Service):
 
     def _round_done(self, result: object, queue_id: str) -> None:
         self.in_flight.pop(queue_id, None)
-        if hasattr(result, "getTraceback"):
-            log.failure("{queue_id}: delivery round failed", result, queue_id=queue_id)  # type: ignore[arg-type]
-        self._run()
+        if isinstance(result, Failure):
+            if not self.running:
+                # stopping: the spool no longer takes updates; the message stays queued
+                log.info(
+                    "{queue_id}: delivery round cut short by shutdown; it stays queued", queue_id=queue_id
+                )
+                return
+            log.failure("{queue_id}: delivery round failed", result, queue_id=queue_id)
+        if self.running:
+            self._run()
 
     # --- one delivery round for one message ------------------------------------
 
