@@ -22,13 +22,8 @@ from twisted.internet._sslverify import IOpenSSLTrustRoot
 from gateway.config import ConfigError, TlsConfig
 
 
-def make_self_signed(hostname: str, directory: str) -> tuple[str, str]:
-    """Write a self-signed certificate and key for `hostname`; return their paths."""
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    cert_path = os.path.join(directory, "selfsigned.pem")
-    key_path = os.path.join(directory, "selfsigned.key")
-    if os.path.exists(cert_path) and os.path.exists(key_path):
-        return cert_path, key_path
+def self_signed_pem(hostname: str) -> tuple[bytes, bytes]:
+    """A new self-signed certificate for `hostname`, and its key: (certificate PEM, key PEM)."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
     now = datetime.datetime.now(datetime.UTC)
@@ -43,18 +38,26 @@ def make_self_signed(hostname: str, directory: str) -> tuple[str, str]:
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
         .sign(key, hashes.SHA256())
     )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def make_self_signed(hostname: str, directory: str) -> tuple[str, str]:
+    """Write a self-signed certificate and key for `hostname` (once); return their paths."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    cert_path = os.path.join(directory, "selfsigned.pem")
+    key_path = os.path.join(directory, "selfsigned.key")
+    if os.path.exists(cert_path) and os.path.exists(key_path):
+        return cert_path, key_path
+    cert_pem, key_pem = self_signed_pem(hostname)
     fd = os.open(key_path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as handle:
-        handle.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
+        handle.write(key_pem)
     os.replace(key_path + ".tmp", key_path)
     with open(cert_path + ".tmp", "wb") as handle:
-        handle.write(certificate.public_bytes(serialization.Encoding.PEM))
+        handle.write(cert_pem)
     os.replace(cert_path + ".tmp", cert_path)
     return cert_path, key_path
 

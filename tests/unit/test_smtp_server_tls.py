@@ -6,16 +6,11 @@ throw-away self-signed one made here.
 
 from __future__ import annotations
 
-import datetime
 import smtplib
 import socket
 import ssl
 from typing import Any, cast
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.ssl import PrivateCertificate
@@ -24,29 +19,15 @@ from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
+from gateway import certificates
 from gateway.smtp.auth import FileCredentials, hash_password
 from gateway.smtp.server import ServerSettings, SmtpServerFactory
 from gateway.testing import RecordingReception
 
 
 def self_signed_pem() -> bytes:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mx.test")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return key_pem + certificate.public_bytes(serialization.Encoding.PEM)
+    certificate, key = certificates.self_signed_pem("mx.test")
+    return key + certificate
 
 
 def unverified_client_context() -> ssl.SSLContext:
