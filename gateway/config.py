@@ -53,6 +53,8 @@ class SmtpConfig:
     idle_timeout: float = 300.0
     max_commands: int = 1000
     max_errors: int = 10
+    soft_error_limit: int = 5  # errors after which every error reply waits error_delay
+    error_delay: float = 1.0
     vrfy: bool = False
     reject_bare_lf: bool = True
     auth_requires_tls: bool = True
@@ -118,6 +120,31 @@ class DnsConfig:
     threads: int = 8
 
 
+FAILURE_ACTIONS = ("defer", "reject", "continue")
+
+
+@attrs.frozen
+class FiltersConfig:
+    """The filter chains: names in order, per direction; options per filter.
+
+    `options` maps an instance name to its raw ``[filters.<name>]`` table; the
+    registry checks it (with `text` for line numbers) when it builds the filter.
+    """
+
+    inbound: tuple[str, ...] = ()
+    outbound: tuple[str, ...] = ()
+    fetched: tuple[str, ...] = ()
+    timeout: float = 30.0  # seconds one filter call may take
+    on_failure: str = "defer"  # a filter that fails or times out: defer | reject | continue
+    headers: bool = True  # add X-Mailgate-* headers recording the filters that hit
+    options: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict, eq=False)
+    text: str = attrs.field(default="", eq=False, repr=False)
+
+    def section(self, source: str, name: str) -> Section:
+        """The options of filter instance `name`, as a Section naming file and line."""
+        return Section(source, self.text, self.options.get(name, {}), f"filters.{name}")
+
+
 @attrs.frozen
 class GatewayConfig:
     hostname: str
@@ -141,6 +168,7 @@ class Config:
     upstream: UpstreamConfig
     delivery: DeliveryConfig
     dns: DnsConfig
+    filters: FiltersConfig = FiltersConfig()
 
     @property
     def spool_dir(self) -> str:
@@ -193,8 +221,12 @@ _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)b?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
-class _Reader:
-    """Takes keys out of one TOML table, checking types and remembering lines."""
+class Section:
+    """Takes keys out of one TOML table, checking types and remembering lines.
+
+    Filters get their ``[filters.<name>]`` table as one of these: take every key
+    with a default, then call `done()` so that an unknown key is an error.
+    """
 
     def __init__(self, source: str, text: str, table: Mapping[str, Any], path: str) -> None:
         self.source = source
@@ -251,9 +283,9 @@ class _Reader:
                 raise self.error(key, f"must be a list of strings; {item!r} is not a string")
         return tuple(value)
 
-    def sub(self, key: str) -> _Reader:
+    def sub(self, key: str) -> Section:
         value = self.take(key, dict, {})
-        return _Reader(self.source, self.text, value, f"{self.path}.{key}" if self.path else key)
+        return Section(self.source, self.text, value, f"{self.path}.{key}" if self.path else key)
 
     def done(self) -> None:
         for key in self.table:
@@ -311,7 +343,7 @@ def _find_line(text: str, path: str, key: str) -> int | None:
     return None
 
 
-def _workers(reader: _Reader) -> int:
+def _workers(reader: Section) -> int:
     value = reader.table.pop("workers", "auto")
     if value == "auto":
         # the main process (queue, delivery) needs a core too: measured on 2 vCPUs, one
@@ -322,14 +354,14 @@ def _workers(reader: _Reader) -> int:
     return value
 
 
-def _network(reader: _Reader, key: str, text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+def _network(reader: Section, key: str, text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     try:
         return ipaddress.ip_network(text, strict=False)
     except ValueError:
         raise reader.error(key, f'{text!r} is not an IP network (like "192.168.0.0/16")') from None
 
 
-def _check_endpoint(reader: _Reader, key: str, endpoint: str) -> None:
+def _check_endpoint(reader: Section, key: str, endpoint: str) -> None:
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
 
@@ -339,7 +371,7 @@ def _check_endpoint(reader: _Reader, key: str, endpoint: str) -> None:
         raise reader.error(key, f"bad endpoint {endpoint!r}: {error}") from None
 
 
-def _check_transport(reader: _Reader, key: str, spec: str) -> None:
+def _check_transport(reader: Section, key: str, spec: str) -> None:
     from gateway.delivery.router import TransportSpecError, parse_transport
 
     try:
@@ -357,10 +389,10 @@ def parse(text: str, source: str = "<config>", *, base_dir: str | None = None) -
         raise ConfigError(
             source, "", f"TOML syntax error: {error}", int(line.group(1)) if line else None
         ) from None
-    root = _Reader(source, text, data, "")
+    root = Section(source, text, data, "")
     base = base_dir if base_dir is not None else os.getcwd()
 
-    def path_of(reader: _Reader, key: str, default: str) -> str:
+    def path_of(reader: Section, key: str, default: str) -> str:
         value = reader.take(key, str, default)
         return os.path.normpath(os.path.join(base, value)) if value else ""
 
@@ -384,7 +416,7 @@ def parse(text: str, source: str = "<config>", *, base_dir: str | None = None) -
     for number, raw in enumerate(raw_listeners):
         if not isinstance(raw, dict):
             raise section.error("listeners", "must be a list of tables ([[smtp.listeners]])")
-        listener = _Reader(source, text, raw, f"smtp.listeners[{number}]")
+        listener = Section(source, text, raw, f"smtp.listeners[{number}]")
         endpoint = listener.take("endpoint", str, "")
         if not endpoint:
             raise listener.error("endpoint", 'is required (like "tcp:25")')
@@ -400,6 +432,8 @@ def parse(text: str, source: str = "<config>", *, base_dir: str | None = None) -
         idle_timeout=section.duration("idle_timeout", 300),
         max_commands=section.positive("max_commands", 1000),
         max_errors=section.positive("max_errors", 10),
+        soft_error_limit=section.take("soft_error_limit", int, 5),
+        error_delay=section.duration("error_delay", 1),
         vrfy=section.take("vrfy", bool, False),
         reject_bare_lf=section.take("reject_bare_lf", bool, True),
         auth_requires_tls=section.take("auth_requires_tls", bool, True),
@@ -435,7 +469,7 @@ def parse(text: str, source: str = "<config>", *, base_dir: str | None = None) -
     for number, raw in enumerate(root.take("routes", list, [])):
         if not isinstance(raw, dict):
             raise root.error("routes", "must be a list of tables ([[routes]])")
-        route = _Reader(source, text, raw, f"routes[{number}]")
+        route = Section(source, text, raw, f"routes[{number}]")
         match = route.take("match", str, "")
         if not match:
             raise route.error("match", 'is required (a domain, "*.domain" or "*")')
@@ -502,9 +536,41 @@ def parse(text: str, source: str = "<config>", *, base_dir: str | None = None) -
         threads=section.positive("threads", 8),
     )
     section.done()
+    filters = _filters(root.sub("filters"))
     root.done()
 
-    return Config(source, gateway, smtp, tls, auth, relay, tuple(routes), upstream, delivery, dns)
+    return Config(source, gateway, smtp, tls, auth, relay, tuple(routes), upstream, delivery, dns, filters)
+
+
+def _filters(section: Section) -> FiltersConfig:
+    defaults = FiltersConfig()
+    chains = {}
+    for direction in ("inbound", "outbound", "fetched"):
+        names = section.strings(direction, getattr(defaults, direction))
+        seen = set()
+        for name in names:
+            if name in seen:
+                raise section.error(direction, f"filter {name!r} is listed twice")
+            seen.add(name)
+        chains[direction] = names
+    timeout = section.duration("timeout", defaults.timeout)
+    on_failure = section.choice("on_failure", FAILURE_ACTIONS, defaults.on_failure)
+    headers = section.take("headers", bool, defaults.headers)
+    options = {}
+    for name in list(section.table):
+        if isinstance(section.table[name], dict):
+            options[name] = section.table.pop(name)
+    section.done()
+    return FiltersConfig(
+        chains["inbound"],
+        chains["outbound"],
+        chains["fetched"],
+        timeout,
+        on_failure,
+        headers,
+        options,
+        section.text,
+    )
 
 
 def load(path: str | None) -> Config:
@@ -525,12 +591,17 @@ def non_defaults(config: Config) -> list[tuple[str, object]]:
     """(key, value) for every setting that differs from its default, like `postconf -n`."""
     defaults = parse("", "<defaults>", base_dir="/")
     found: list[tuple[str, object]] = []
-    for name in ("gateway", "smtp", "tls", "auth", "relay", "upstream", "delivery", "dns"):
+    for name in ("gateway", "smtp", "tls", "auth", "relay", "upstream", "delivery", "dns", "filters"):
         ours, theirs = getattr(config, name), getattr(defaults, name)
         for field in attrs.fields(type(ours)):
             value = getattr(ours, field.name)
+            if field.name in ("options", "text"):
+                continue
             if value != getattr(theirs, field.name):
                 found.append((f"{name}.{field.name}", _show(value)))
+    for name, table in config.filters.options.items():
+        for key, value in table.items():
+            found.append((f"filters.{name}.{key}", _show(value)))
     for number, route in enumerate(config.routes):
         found.append((f"routes[{number}]", f"{route.match} -> {route.transport} (tls {route.tls})"))
     return found

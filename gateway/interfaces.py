@@ -6,15 +6,14 @@ Each is a zope.interface; implementations say what they are (`DirectorySpool`,
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
-    from gateway.model import Delivery, Envelope, QueuedMessage, Recipient, RecipientResult, Session
-    from gateway.smtp.reply import Reply
+    from gateway.model import Delivery, Envelope, QueuedMessage, RecipientResult, Session
 
 
 class IIncomingMessage(Interface):
@@ -30,8 +29,11 @@ class IIncomingMessage(Interface):
     def write(data: bytes) -> None:
         """Append message bytes (CRLF line ends, dot-unstuffed)."""
 
-    def commit(envelope: Envelope, session: Session) -> Deferred[str]:
+    def commit(envelope: Envelope, session: Session, hold: bool = False) -> Deferred[str]:
         """Make the message durable: message and envelope fsync'ed, directory entries too.
+
+        With `hold` (keyword), it goes to the hold state instead of the queue: a
+        filter held it, and only an operator's release sends it on.
 
         Returns a Deferred firing with the queue id only once everything is on disk.
         It fails (never silently) if the disk is full or the write fails; the
@@ -105,14 +107,65 @@ class IResolver(Interface):
 class IReception(Interface):
     """What the SMTP server asks before and after DATA (relay control, filters, spool)."""
 
-    def new_message(session: Session) -> IIncomingMessage:
-        """An IIncomingMessage for the transaction that is starting DATA/BDAT."""
+    def open_session(session: Session, counts: Any) -> Any:
+        """The checks for one connection (`gateway.reception.SessionChecks`).
 
-    def check_mail(session: Session, envelope: Envelope) -> Deferred[Reply | None]:
-        """Deferred[Reply | None]: None accepts MAIL FROM; a Reply refuses it."""
+        `counts` is a callable returning the session's numbers so far.
+        """
 
-    def check_rcpt(session: Session, envelope: Envelope, recipient: Recipient) -> Deferred[Reply | None]:
-        """Deferred[Reply | None]: None accepts this RCPT TO; a Reply refuses it."""
 
-    def accept(session: Session, envelope: Envelope, message: IIncomingMessage) -> Deferred[Reply]:
-        """End of data: Deferred[Reply]; 250 only once the message is durable."""
+class IFilter(Interface):
+    """One link of a filter chain: a name, the stages it acts on, one check.
+
+    Built by the class method ``from_config(options, services)``, where
+    `options` is the filter's ``[filters.<name>]`` table (a
+    `gateway.config.Section`: take its keys, then call ``done()``) and `services`
+    is a `gateway.filters.FilterServices`. Filters never mutate their inputs.
+    The chain runner owns timeouts and failures: a check that raises or takes
+    too long yields the configured failure verdict.
+    """
+
+    name = Attribute("str: the name in the config and the logs")
+    stages = Attribute("frozenset[gateway.model.Stage]: the stages check() is called at")
+
+    def check(request: Any) -> Any:
+        """A `gateway.filters.Request` -> Verdict, or a Deferred firing with one."""
+
+
+class ISessionObserver(Interface):
+    """Optional for a filter: told when a session whose connect stage it saw ends."""
+
+    def session_closed(session: Session, counts: dict[str, int]) -> None:
+        """The connection is gone (count it down, forget it).
+
+        Called for sessions whose connect stage ran this filter's chain; one that
+        stopped earlier (a REJECT before this filter) may be told too, so a filter
+        only counts down what it counted up.
+
+        `counts` holds the session's totals: "commands", "errors", "messages",
+        "recipients", "unknown_recipients", "rset".
+        """
+
+
+class IReloadable(Interface):
+    """Optional for a filter: re-reads its files on SIGHUP / `mailgatectl reload`."""
+
+    def reload() -> None:
+        """Re-read; on a bad file raise ConfigError and keep the old data."""
+
+
+class IAuthGuard(Interface):
+    """Optional for a filter: guards SMTP AUTH (failure delay and lockout per client)."""
+
+    def auth_allowed(session: Session) -> Any:
+        """Verdict (or Deferred of one): CONTINUE lets AUTH go on; REJECT/DEFER refuse it."""
+
+    def auth_result(session: Session, user: str, success: bool) -> float:
+        """Note an AUTH outcome; returns seconds to wait before answering it."""
+
+
+class IAcceptObserver(Interface):
+    """Optional for a filter: told about every message once it is queued."""
+
+    def message_accepted(request: Any, hits: Any, held: bool) -> None:
+        """`request` is the DATA-stage Request, `hits` every Hit of the transaction."""

@@ -79,6 +79,9 @@ class Session:
     tls_cipher: str | None = None
     authenticated_user: str | None = None
     may_relay: bool = False  # decided by relay control at connect / AUTH
+    # protocol misbehaviour seen by the server, for the "protocol" filter
+    pregreet: bool = False  # the client talked before our banner
+    improper_pipelining: bool = False  # commands sent ahead without PIPELINING
 
 
 class RecipientStatus(enum.Enum):
@@ -148,3 +151,76 @@ class RecipientResult:
     @property
     def permanent(self) -> bool:
         return self.code >= 500
+
+
+class Direction(enum.Enum):
+    """Which filter chain a session's mail runs through."""
+
+    INBOUND = "inbound"  # from the Internet
+    OUTBOUND = "outbound"  # from internal servers and authenticated users
+    FETCHED = "fetched"  # fetched from external mailboxes (POP3/IMAP)
+
+
+class Stage(enum.Enum):
+    """Where in a session a filter acts, in the order they happen."""
+
+    CONNECT = "connect"
+    HELO = "helo"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"  # the end of the message, before it is queued
+
+
+class Action(enum.Enum):
+    """What a filter says about a session, a transaction or one recipient.
+
+    In Postfix's words: CONTINUE is DUNNO (no opinion), ACCEPT is OK (skip the
+    rest of this stage). TAG and COPY_TO add to the message and the chain goes
+    on; every other action ends the stage.
+    """
+
+    CONTINUE = "continue"
+    ACCEPT = "accept"
+    TAG = "tag"  # add headers (and score); the chain goes on
+    QUARANTINE = "quarantine"  # keep it on hold for the administrator
+    DISCARD = "discard"  # say 250, deliver nothing (logged)
+    REJECT = "reject"  # 5xx
+    DEFER = "defer"  # 4xx, the client tries again later
+    REDIRECT = "redirect"  # deliver to `target` instead
+    COPY_TO = "copy-to"  # deliver to `target` as well; the chain goes on
+
+    @property
+    def ends_stage(self) -> bool:
+        return self not in (Action.CONTINUE, Action.TAG, Action.COPY_TO)
+
+
+@attrs.frozen
+class Verdict:
+    """One filter's answer. Filters build them; the chain runner acts on them.
+
+    `reason` is logged and, for REJECT and DEFER, sent to the client (keep it
+    short, no secrets). `code` and `enhanced` override the reply's codes
+    (default 554 5.7.1 for REJECT, 451 4.7.1 for DEFER; a connect-stage DEFER is
+    421). `target` is the address for REDIRECT and COPY_TO. `headers` are added
+    to the message (name, value), after our Received header.
+    """
+
+    action: Action
+    reason: str = ""
+    score: float = 0.0
+    headers: tuple[tuple[str, str], ...] = ()
+    target: str | None = None
+    code: int | None = None
+    enhanced: str | None = None
+
+    @classmethod
+    def reject(cls, reason: str, code: int = 554, enhanced: str = "5.7.1") -> Verdict:
+        return cls(Action.REJECT, reason, code=code, enhanced=enhanced)
+
+    @classmethod
+    def defer(cls, reason: str, code: int = 451, enhanced: str = "4.7.1") -> Verdict:
+        return cls(Action.DEFER, reason, code=code, enhanced=enhanced)
+
+
+CONTINUE = Verdict(Action.CONTINUE)
+ACCEPT = Verdict(Action.ACCEPT)

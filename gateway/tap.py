@@ -200,6 +200,15 @@ def smtp_factory_maker(
     return make_factory, services
 
 
+def make_reception(cfg: configuration.Config, spool: Any, reactor: Any, services: Any = None) -> Reception:
+    """The reception with the configured filter chains (raises ConfigError for a bad chain)."""
+    from gateway.filters import FilterServices
+    from gateway.filters.registry import build_runner
+
+    runner = build_runner(cfg, services or FilterServices(cfg, reactor))
+    return Reception(spool, cfg.relay, runner, headers=cfg.filters.headers)
+
+
 def make_service(
     cfg: configuration.Config, reactor: Any = global_reactor, config_path: str | None = None
 ) -> MultiService:
@@ -221,7 +230,7 @@ def make_service(
         reactor,
     )
     transports.spool = spool
-    reception = Reception(spool, cfg.relay)
+    reception = make_reception(cfg, spool, reactor)
     spool.subscribe(manager.wake)
     SpoolRecovery(spool, manager.scan).setServiceParent(top)  # first started, last stopped
     transports.setServiceParent(top)

@@ -37,8 +37,9 @@ class RecordedMessage:
         self.chunks.append(bytes(data))
         self.size += len(data)
 
-    def commit(self, envelope: Envelope, session: Session) -> Deferred[str]:
+    def commit(self, envelope: Envelope, session: Session, hold: bool = False) -> Deferred[str]:
         self.committed = True
+        self.held = hold
         return succeed(self.queue_id)
 
     def abort(self) -> None:
@@ -125,3 +126,44 @@ class RecordingReception:
             return outcome or Reply(250, "2.0.0", f"Ok: queued as {message.queue_id}")
 
         return self._answer(result)
+
+    def open_session(self, session: Session, counts: Callable[[], dict[str, int]]) -> RecordingChecks:
+        return RecordingChecks(self)
+
+
+class RecordingChecks:
+    """A `RecordingReception`'s per-connection checks: MAIL, RCPT and DATA go to it."""
+
+    def __init__(self, reception: RecordingReception) -> None:
+        self.reception = reception
+        self.closed = False
+
+    def connect(self, session: Session) -> Deferred[Reply | None]:
+        return succeed(None)
+
+    def helo(self, session: Session) -> Deferred[Reply | None]:
+        return succeed(None)
+
+    def mail(self, session: Session, envelope: Envelope) -> Deferred[Reply | None]:
+        return self.reception.check_mail(session, envelope)
+
+    def rcpt(self, session: Session, envelope: Envelope, recipient: Recipient) -> Deferred[Reply | None]:
+        return self.reception.check_rcpt(session, envelope, recipient)
+
+    def auth_allowed(self, session: Session) -> Deferred[Reply | None]:
+        return succeed(None)
+
+    def auth_result(self, session: Session, user: str, success: bool) -> float:
+        return 0.0
+
+    def header_block(self) -> bytes:
+        return b""
+
+    def new_message(self, session: Session) -> RecordedMessage:
+        return self.reception.new_message(session)
+
+    def accept(self, session: Session, envelope: Envelope, message: IIncomingMessage) -> Deferred[Reply]:
+        return self.reception.accept(session, envelope, message)
+
+    def close(self) -> None:
+        self.closed = True

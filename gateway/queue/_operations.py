@@ -47,7 +47,10 @@ class CommitOperation:
         session: Session,
         arrived: float,
         size: int,
+        *,
+        state: str = "incoming",
     ) -> None:
+        self.state = state  # "incoming", or "hold" for a message a filter held
         self.layout = layout
         self.queue_id = queue_id
         self.chunks = chunks
@@ -87,7 +90,7 @@ class CommitOperation:
                 arrived=self.arrived,
                 size=self.size,
                 client=client_name(self.session),
-                state="incoming",
+                state=self.state,
             ),
             1,
             session_fields(self.session),
@@ -98,9 +101,9 @@ class CommitOperation:
         return (directory,)
 
     def publish(self, disk: Disk) -> Iterable[str]:
-        directory = self.layout.envelope_dir("incoming", self.queue_id)
+        directory = self.layout.envelope_dir(self.state, self.queue_id)
         disk.ensure_dir(directory)
-        final = self.layout.envelope("incoming", self.queue_id)
+        final = self.layout.envelope(self.state, self.queue_id)
         disk.rename(self._temp_envelope, final)
         self._made.append(final)
         return (directory,)

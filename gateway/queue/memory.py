@@ -51,12 +51,12 @@ class MemoryMessage:
         self.size += len(data)
         self._chunks.append(bytes(data))
 
-    def commit(self, envelope: Envelope, session: Session) -> Deferred[str]:
+    def commit(self, envelope: Envelope, session: Session, hold: bool = False) -> Deferred[str]:
         if self._finished:
             return fail(SpoolError(f"spool: {self.queue_id}: already committed or aborted"))
         self._finished = True
         content, self._chunks = b"".join(self._chunks), []
-        return self._spool._commit(self.queue_id, content, envelope, session)
+        return self._spool._commit(self.queue_id, content, envelope, session, hold=hold)
 
     def abort(self) -> None:
         self._finished = True
@@ -83,7 +83,9 @@ class MemorySpool:
         self._subscribers.append(callback)
         return lambda: self._subscribers.remove(callback)
 
-    def _commit(self, queue_id: str, content: bytes, envelope: Envelope, session: Session) -> Deferred[str]:
+    def _commit(
+        self, queue_id: str, content: bytes, envelope: Envelope, session: Session, *, hold: bool = False
+    ) -> Deferred[str]:
         if self.failure is not None:
             return fail(self.failure)
         self.contents[queue_id] = content
@@ -98,8 +100,10 @@ class MemorySpool:
             arrived=self.now(),
             size=len(content),
             client=client_name(session),
-            state="incoming",
+            state="hold" if hold else "incoming",
         )
+        if hold:
+            return succeed(queue_id)  # nothing to deliver until an operator releases it
         for callback in builtins.list(self._subscribers):
             try:
                 callback(queue_id)

@@ -84,7 +84,7 @@ class SpoolMessage:
         finally:
             self._chunks = []
 
-    def commit(self, envelope: Envelope, session: Session) -> Deferred[str]:
+    def commit(self, envelope: Envelope, session: Session, hold: bool = False) -> Deferred[str]:
         if self._finished:
             return fail(SpoolError(f"spool: {self.queue_id}: already committed or aborted"))
         self._finished = True
@@ -97,6 +97,7 @@ class SpoolMessage:
             session,
             self._spool.now(),
             self.size,
+            state="hold" if hold else "incoming",
         )
         self._chunks, self._spill = [], None
         return self._spool._commit(operation)
@@ -165,6 +166,8 @@ class DirectorySpool:
         queue_id = stored.message.queue_id
         if self._remember_commits:
             self._known[queue_id] = stored
+        if stored.message.state == "hold":
+            return queue_id  # nothing to deliver until an operator releases it
         for callback in builtins.list(self._subscribers):
             try:
                 callback(queue_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -49,6 +50,8 @@ class ServerSettings:
     tls_required: bool = False  # MAIL refused before STARTTLS (a submission port)
     max_auth_failures: int = 5  # failed AUTH attempts before 421 and disconnect
     auth_failure_delay: float = 1.0  # seconds before answering a failed AUTH
+    soft_error_limit: int = 5  # errors after which each error reply waits error_delay (tarpit)
+    error_delay: float = 1.0
 
 
 class IncomingMessage(Protocol):
@@ -62,18 +65,44 @@ class IncomingMessage(Protocol):
     def abort(self) -> None: ...
 
 
-class Reception(Protocol):
-    """`gateway.interfaces.IReception`, as a structural type for mypy."""
+class SessionChecks(Protocol):
+    """`gateway.reception.SessionChecks` as the server sees it: one per connection."""
+
+    def connect(self, session: Session) -> Deferred[Reply | None]: ...
+
+    def helo(self, session: Session) -> Deferred[Reply | None]: ...
+
+    def mail(self, session: Session, envelope: Envelope) -> Deferred[Reply | None]: ...
+
+    def rcpt(self, session: Session, envelope: Envelope, recipient: Recipient) -> Deferred[Reply | None]: ...
+
+    def auth_allowed(self, session: Session) -> Deferred[Reply | None]: ...
+
+    def auth_result(self, session: Session, user: str, success: bool) -> float: ...
+
+    def header_block(self) -> bytes: ...
 
     def new_message(self, session: Session) -> Any: ...
 
-    def check_mail(self, session: Session, envelope: Envelope) -> Deferred[Reply | None]: ...
-
-    def check_rcpt(
-        self, session: Session, envelope: Envelope, recipient: Recipient
-    ) -> Deferred[Reply | None]: ...
-
     def accept(self, session: Session, envelope: Envelope, message: Any) -> Deferred[Reply]: ...
+
+    def close(self) -> None: ...
+
+
+class Reception(Protocol):
+    """`gateway.interfaces.IReception`, as a structural type for mypy."""
+
+    def open_session(self, session: Session, counts: Callable[[], dict[str, int]]) -> SessionChecks: ...
+
+
+class _NoChecks:
+    """Before connectionMade: a session nobody has checked yet (never used for mail)."""
+
+    def close(self) -> None:
+        pass
+
+
+NO_CHECKS: Any = _NoChecks()
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -21,7 +21,7 @@ import base64
 import binascii
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import attrs
 from twisted.internet import tcp
@@ -44,10 +44,12 @@ from gateway.model import Body, Envelope, Role, Session
 from gateway.smtp import _sasl
 from gateway.smtp._data import DotReader, HeaderScanner, NewlineChecker, normalize_newlines
 from gateway.smtp._session import (
+    NO_CHECKS,
     IncomingMessage,
     Network,
     Reception,
     ServerSettings,
+    SessionChecks,
     ehlo_keywords,
     in_networks,
     received_header,
@@ -125,6 +127,8 @@ class SmtpServerFactory(ServerFactory):
             idle_timeout=smtp.idle_timeout,
             max_commands=smtp.max_commands,
             max_errors=smtp.max_errors,
+            soft_error_limit=smtp.soft_error_limit,
+            error_delay=smtp.error_delay,
             vrfy_enabled=smtp.vrfy,
             reject_bare_lf=smtp.reject_bare_lf,
             auth_requires_tls=smtp.auth_requires_tls,
@@ -164,6 +168,10 @@ class SmtpServerProtocol(Protocol):
         self._timer: IDelayedCall | None = None
         self._relay_at_connect = False
         self._can_start_tls = False
+        self._greeted = False  # our banner has gone out
+        self._wait_number = 0
+        self._tarpit: IDelayedCall | None = None
+        self.checks: SessionChecks = NO_CHECKS
         # the transaction
         self._envelope: Envelope | None = None
         self._message: IncomingMessage | None = None  # ours until handed to accept()
@@ -184,6 +192,7 @@ class SmtpServerProtocol(Protocol):
         self._errors = 0
         self._messages = 0
         self._recipients = 0
+        self._rsets = 0
         self._auth_failures = 0
         self._handlers: dict[str, Callable[[str], Reply | None]] = {
             "EHLO": self._ehlo,
@@ -219,14 +228,51 @@ class SmtpServerProtocol(Protocol):
         self._can_start_tls = self.server.tls_context is not None and ITLSTransport.providedBy(self.transport)
         log.info("smtpd: connect from [{peer}]:{port}", peer=host, port=port)
         self._timer = self.server.clock.callLater(self.settings.idle_timeout, self._timed_out)
-        greeting = f"{self.settings.hostname} {self.settings.banner}"
-        self._write(Reply(220, None, greeting))
+        self.checks = self.server.reception.open_session(self.session, self.counts)
+        self._waiting = True  # nothing is read as a command before the banner
+        check = maybeDeferred(self.checks.connect, self.session)
+        check.addErrback(self._check_failed, "CONNECT").addCallback(self._greet_client)
+
+    def counts(self) -> dict[str, int]:
+        """The session's numbers so far, for the filters and the disconnect log."""
+        return {
+            "commands": self._commands,
+            "errors": self._errors,
+            "messages": self._messages,
+            "recipients": self._recipients,
+            "rset": self._rsets,
+        }
+
+    def _check_failed(self, failure: Failure, command: str) -> Reply:
+        log.failure(
+            "smtpd: {command} from [{peer}]: the check failed",
+            failure,
+            command=command,
+            peer=self.session.peer_host,
+        )
+        return Reply(421, "4.3.0", f"{self.settings.hostname} Temporary failure, try again later")
+
+    def _greet_client(self, refusal: Reply | None) -> None:
+        """The connect stage is over: the banner, or the refusal and goodbye."""
+        self._waiting = False
+        if self._closing:
+            return
+        if refusal is not None:
+            self._errors += 1
+            self._log_reject("CONNECT", refusal)
+            self._shutdown(refusal)
+            return
+        self._greeted = True
+        self._write(Reply(220, None, f"{self.settings.hostname} {self.settings.banner}"))
+        self._process()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closing = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        for timer in (self._timer, self._tarpit):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timer = self._tarpit = None
+        self.checks.close()
         if self._message is not None:
             self._abort_message(keep_id=True)
             log.info(
@@ -261,6 +307,15 @@ class SmtpServerProtocol(Protocol):
             return
         if self._timer is not None and self._timer.active():
             self._timer.reset(self.settings.idle_timeout)
+        if not self._greeted and not self.session.pregreet:
+            # an early talker (postscreen's pregreet test): spam engines do not wait
+            self.session = attrs.evolve(self.session, pregreet=True)
+            log.info(
+                "smtpd: PREGREET {count} bytes from [{peer}]:{port}",
+                count=len(data),
+                peer=self.session.peer_host,
+                port=self.session.peer_port,
+            )
         self._buffer += data
         self._process()
 
@@ -389,6 +444,24 @@ class SmtpServerProtocol(Protocol):
         if reply.code == 421:
             self._shutdown(reply)
             return
+        delay = self.settings.error_delay
+        if reply.code >= 400 and self._errors > self.settings.soft_error_limit and delay > 0:
+            # the tarpit: a client that keeps making errors gets slower answers
+            self._waiting = True
+            self._tarpit = self.server.clock.callLater(delay, self._after_tarpit, reply)
+            return
+        self._answer(reply)
+
+    def _after_tarpit(self, reply: Reply) -> None:
+        self._tarpit = None
+        self._waiting = False
+        if self._closing:
+            return
+        self._answer(reply)
+        if not self._closing:
+            self._process()
+
+    def _answer(self, reply: Reply) -> None:
         self._write(reply)
         if reply.code >= 400 and self._errors >= self.settings.max_errors:
             self._log_reject("session", Reply(421, "4.7.0", "too many errors"))
@@ -414,12 +487,18 @@ class SmtpServerProtocol(Protocol):
     def _wait(
         self,
         deferred: Deferred[T],
-        done: Callable[[T], Reply | Deferred[Reply]],
+        done: Callable[[T], Reply | Deferred[Reply] | None],
         command: str,
         on_error: Reply = TEMPORARY,
     ) -> None:
-        """Pause the loop until ``deferred`` fires; then reply ``done(result)`` and go on."""
+        """Pause the loop until ``deferred`` fires; then reply ``done(result)`` and go on.
+
+        ``done`` may return None when it answered by itself (an AUTH challenge) or
+        started another wait, which then owns the loop.
+        """
         self._waiting = True
+        self._wait_number += 1
+        number = self._wait_number
 
         def failed(failure: Failure) -> Reply:
             log.failure(
@@ -430,9 +509,12 @@ class SmtpServerProtocol(Protocol):
             )
             return on_error
 
-        def answer(reply: Reply) -> None:
+        def answer(reply: Reply | None) -> None:
+            if reply is None and self._wait_number != number:
+                return  # a newer wait took over
             self._waiting = False
-            self._reply(reply, command)
+            if reply is not None:
+                self._reply(reply, command)
             if not self._closing:
                 self._process()
 
@@ -441,13 +523,22 @@ class SmtpServerProtocol(Protocol):
             self._waiting = False
             self._shutdown(Reply(421, "4.3.0", f"{self.settings.hostname} internal error"))
 
-        chained = deferred.addCallbacks(done, failed)
+        chained: Deferred[Any] = deferred.addCallbacks(done, failed)
         chained.addCallback(answer).addErrback(crashed)
 
     # --- commands ------------------------------------------------------------------
 
     def _command(self, line: bytes) -> None:
         self._commands += 1
+        if not self.session.esmtp and self._pos < len(self._buffer) and not self.session.improper_pipelining:
+            # the next command came before our reply, and PIPELINING was never offered
+            self.session = attrs.evolve(self.session, improper_pipelining=True)
+            log.info(
+                "smtpd: improper command pipelining after {verb} from [{peer}]:{port}",
+                verb=line[:4].decode("ascii", "replace").upper(),
+                peer=self.session.peer_host,
+                port=self.session.peer_port,
+            )
         if self._commands > self.settings.max_commands:
             self._reply(Reply(421, "4.7.0", f"{self.settings.hostname} Error: too many commands"), "-")
             return
@@ -475,13 +566,13 @@ class SmtpServerProtocol(Protocol):
         if reply is not None:
             self._reply(reply, _describe(verb, argument))
 
-    def _ehlo(self, argument: str) -> Reply:
+    def _ehlo(self, argument: str) -> Reply | None:
         return self._greet(argument, esmtp=True)
 
-    def _helo(self, argument: str) -> Reply:
+    def _helo(self, argument: str) -> Reply | None:
         return self._greet(argument, esmtp=False)
 
-    def _greet(self, argument: str, *, esmtp: bool) -> Reply:
+    def _greet(self, argument: str, *, esmtp: bool) -> Reply | None:
         domain = argument.strip(" ")
         verb = "EHLO" if esmtp else "HELO"
         if not domain:
@@ -489,16 +580,27 @@ class SmtpServerProtocol(Protocol):
         if not domain.isprintable():
             return Reply(501, "5.5.2", f"Invalid {verb} hostname")
         self._reset_transaction()
-        self.session = attrs.evolve(self.session, helo=domain, esmtp=esmtp)
-        if not esmtp:
-            return Reply(250, None, self.settings.hostname)
-        keywords = ehlo_keywords(
-            self.settings,
-            self.session,
-            can_start_tls=self._can_start_tls,
-            auth_mechanisms=tuple(self._mechanisms()),
-        )
-        return Reply(250, None, "\n".join([self.settings.hostname, *keywords]))
+        before = self.session
+        session = attrs.evolve(before, helo=domain, esmtp=False)
+
+        def checked(refusal: Reply | None) -> Reply:
+            if refusal is not None and not refusal.is_positive:
+                self.session = attrs.evolve(self.session, helo=before.helo, esmtp=before.esmtp)
+                return refusal
+            self.session = attrs.evolve(self.session, helo=domain, esmtp=esmtp)
+            if not esmtp:
+                return Reply(250, None, self.settings.hostname)
+            keywords = ehlo_keywords(
+                self.settings,
+                self.session,
+                can_start_tls=self._can_start_tls,
+                auth_mechanisms=tuple(self._mechanisms()),
+            )
+            return Reply(250, None, "\n".join([self.settings.hostname, *keywords]))
+
+        self.session = session
+        self._wait(maybeDeferred(self.checks.helo, session), checked, _describe(verb, argument))
+        return None
 
     def _mail(self, argument: str) -> Reply | None:
         if self.session.helo is None:
@@ -529,7 +631,7 @@ class SmtpServerProtocol(Protocol):
             self._envelope = envelope
             return refusal or Reply(250, "2.1.0", "Ok")
 
-        check = maybeDeferred(self.server.reception.check_mail, self.session, envelope)
+        check = maybeDeferred(self.checks.mail, self.session, envelope)
         self._wait(check, checked, _describe("MAIL", argument))
         return None
 
@@ -551,7 +653,7 @@ class SmtpServerProtocol(Protocol):
             self._recipients += 1
             return refusal or Reply(250, "2.1.5", "Ok")
 
-        check = maybeDeferred(self.server.reception.check_rcpt, self.session, envelope, recipient)
+        check = maybeDeferred(self.checks.rcpt, self.session, envelope, recipient)
         self._wait(check, checked, _describe("RCPT", argument))
         return None
 
@@ -613,6 +715,7 @@ class SmtpServerProtocol(Protocol):
     def _rset(self, argument: str) -> Reply:
         if argument.strip(" "):
             return Reply(501, "5.5.4", "Syntax: RSET")
+        self._rsets += 1
         self._reset_transaction()
         return OK
 
@@ -705,8 +808,18 @@ class SmtpServerProtocol(Protocol):
             response = _decode_base64(initial)
             if response is None:
                 return Reply(501, "5.5.2", "Error: invalid base64 in initial response")
-        self._mechanism = factory()
-        return self._sasl_step(response)
+
+        def allowed(refusal: Reply | None) -> Reply | None:
+            if refusal is not None:
+                return refusal
+            self._mechanism = factory()
+            step = self._sasl_step(response)
+            if step is not None:
+                return step
+            return None  # a 334 challenge went out, or the credentials check is waiting
+
+        self._wait(maybeDeferred(self.checks.auth_allowed, self.session), allowed, "AUTH")
+        return None
 
     def _auth_response(self, line: bytes) -> None:
         self._mode = _Mode.COMMAND
@@ -756,6 +869,7 @@ class SmtpServerProtocol(Protocol):
 
     def _auth_result(self, valid: bool, user: str, mechanism: str) -> Reply | Deferred[Reply]:
         if valid:
+            self.checks.auth_result(self.session, user, True)
             self.session = attrs.evolve(self.session, authenticated_user=user, may_relay=True)
             log.info(
                 "smtpd: [{peer}]:{port}: authenticated user={user} mechanism={mechanism}",
@@ -776,9 +890,10 @@ class SmtpServerProtocol(Protocol):
         failed = Reply(535, "5.7.8", "Authentication credentials invalid")
         if self._auth_failures >= self.settings.max_auth_failures:
             failed = Reply(421, "4.7.0", f"{self.settings.hostname} Error: too many AUTH failures")
-        if self.settings.auth_failure_delay <= 0:
+        delay = max(self.settings.auth_failure_delay, self.checks.auth_result(self.session, user, False))
+        if delay <= 0:
             return failed
-        return deferLater(self.server.clock, self.settings.auth_failure_delay, lambda: failed)
+        return deferLater(self.server.clock, delay, lambda: failed)
 
     # --- message data -----------------------------------------------------------------
 
@@ -787,7 +902,7 @@ class SmtpServerProtocol(Protocol):
         envelope = self._envelope
         assert envelope is not None
         try:
-            message = cast(IncomingMessage, self.server.reception.new_message(self.session))
+            message = cast(IncomingMessage, self.checks.new_message(self.session))
             self._message = message
             message.write(
                 received_header(
@@ -797,6 +912,7 @@ class SmtpServerProtocol(Protocol):
                     queue_id=message.queue_id,
                     now=self.server.clock.seconds(),
                 )
+                + self.checks.header_block()
             )
         except Exception:
             log.failure("smtpd: cannot start a message for [{peer}]", peer=self.session.peer_host)
@@ -914,7 +1030,7 @@ class SmtpServerProtocol(Protocol):
             self._size = 0
             return reply
 
-        accept = maybeDeferred(self.server.reception.accept, self.session, envelope, message)
+        accept = maybeDeferred(self.checks.accept, self.session, envelope, message)
         self._wait(accept.addErrback(failed), accepted, command)
 
     def _reply_failed(self, command: str, failure: Reply) -> None:

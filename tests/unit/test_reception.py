@@ -28,7 +28,7 @@ class ReceptionTests(TestCase):
         self.reception = Reception(self.spool, RELAY)
 
     def rcpt(self, session: Session, address: str) -> object:
-        return result(self.reception.check_rcpt(session, ENVELOPE, Recipient(address)))
+        return result(self.reception.open_session(session).rcpt(session, ENVELOPE, Recipient(address)))
 
     def test_internet_may_send_to_our_domains_only(self) -> None:
         outsider = Session("203.0.113.9", role=Role.INBOUND)
@@ -46,17 +46,16 @@ class ReceptionTests(TestCase):
 
     def test_submission_port_refuses_strangers_at_mail(self) -> None:
         stranger = Session("203.0.113.9", role=Role.SUBMISSION)
-        self.assertEqual(result(self.reception.check_mail(stranger, ENVELOPE)).code, 530)  # type: ignore[attr-defined]
+        self.assertEqual(result(self.reception.open_session(stranger).mail(stranger, ENVELOPE)).code, 530)  # type: ignore[attr-defined]
         friend = Session("10.0.0.5", role=Role.SUBMISSION, may_relay=True)
-        self.assertIsNone(result(self.reception.check_mail(friend, ENVELOPE)))
+        self.assertIsNone(result(self.reception.open_session(friend).mail(friend, ENVELOPE)))
 
     def test_accept_answers_250_only_after_commit(self) -> None:
-        message = self.reception.new_message(Session("10.0.0.5"))
+        checks = self.reception.open_session(Session("10.0.0.5"))
+        message = checks.new_message(Session("10.0.0.5"))
         message.write(b"Subject: x\r\n\r\nbody\r\n")
         reply = result(
-            self.reception.accept(
-                Session("10.0.0.5"), Envelope("a@b.test", (Recipient("c@example.com"),)), message
-            )
+            checks.accept(Session("10.0.0.5"), Envelope("a@b.test", (Recipient("c@example.com"),)), message)
         )
         self.assertEqual(reply.code, 250)  # type: ignore[attr-defined]
         self.assertIn(message.queue_id, reply.text)  # type: ignore[attr-defined]
@@ -64,8 +63,9 @@ class ReceptionTests(TestCase):
 
     def test_spool_failure_is_451_never_5xx(self) -> None:
         self.spool.failure = OSError(28, "No space left on device")
-        message = self.reception.new_message(Session("10.0.0.5"))
+        checks = self.reception.open_session(Session("10.0.0.5"))
+        message = checks.new_message(Session("10.0.0.5"))
         message.write(b"x\r\n")
-        reply = result(self.reception.accept(Session("10.0.0.5"), ENVELOPE, message))
+        reply = result(checks.accept(Session("10.0.0.5"), ENVELOPE, message))
         self.assertEqual((reply.code, reply.enhanced), (451, "4.3.0"))  # type: ignore[attr-defined]
         self.assertEqual(self.spool.messages, {})

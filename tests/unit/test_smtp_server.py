@@ -24,7 +24,7 @@ from gateway.smtp.reply import Reply
 from gateway.smtp.server import ServerSettings, SmtpServerFactory, SmtpServerProtocol
 from gateway.testing import RecordingReception
 
-SETTINGS = ServerSettings(hostname="mx.test", auth_failure_delay=0.0)
+SETTINGS = ServerSettings(hostname="mx.test", auth_failure_delay=0.0, error_delay=0.0)
 BODY = b"Subject: hi\r\n\r\nhello\r\n"
 
 

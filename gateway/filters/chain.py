@@ -1,0 +1,308 @@
+"""The chain runner: runs a stage's filters in order and owns their failures.
+
+Per stage, the filters of the session's chain that act on it run in the order of
+the config. The first verdict that ends the stage wins (REJECT, DEFER, ACCEPT,
+QUARANTINE, DISCARD, REDIRECT); TAG and COPY-TO are collected and the chain goes
+on. A filter that raises or takes longer than its timeout yields its failure
+verdict (DEFER unless the administrator chose otherwise), is logged with its name
+and counted: mail never passes silently because a filter broke.
+
+Filters that answer at once (most pre-DATA checks) cost no Deferred per filter:
+the runner only chains callbacks when a filter really waits (DNS, the store).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, TimeoutError, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from gateway.filters import Request
+from gateway.interfaces import IFilter
+from gateway.model import CONTINUE, Action, Direction, Stage, Verdict
+
+log = Logger(namespace="mailgate.filter")
+
+
+@attrs.frozen
+class Link:
+    """A filter in a chain, with what the runner does when it fails."""
+
+    filter: Any  # IFilter
+    timeout: float = 30.0
+    on_failure: Verdict = attrs.field(factory=lambda: failure_verdict("defer", "?"))
+
+    @property
+    def name(self) -> str:
+        return str(self.filter.name)
+
+
+def failure_verdict(choice: str, name: str) -> Verdict:
+    """The verdict for a broken filter: "defer" (the default), "reject" or "continue"."""
+    if choice == "continue":
+        return CONTINUE
+    if choice == "reject":
+        return Verdict.reject(f"Rejected: filter {name} failed", 554, "5.7.1")
+    return Verdict.defer(f"Temporary failure in filter {name}, try again later", 451, "4.3.0")
+
+
+@attrs.frozen
+class Hit:
+    """A filter that had an opinion (or failed), for the log and X-Mailgate-Filters."""
+
+    filter: str
+    stage: Stage
+    action: Action
+    reason: str
+    score: float
+    elapsed: float  # seconds the check took
+    recipient: str | None = None
+    failed: bool = False
+
+    def describe(self) -> str:
+        score = f" score={self.score:g}" if self.score else ""
+        failed = " failed" if self.failed else ""
+        return f"{self.filter}={self.action.value}{failed}{score} ({self.elapsed * 1000:.1f} ms)"
+
+
+@attrs.frozen
+class Outcome:
+    """What a stage's chain decided.
+
+    `verdict` is the one that ended the stage (CONTINUE when none did) and
+    `decided_by` its filter; `tags` are the TAG verdicts met on the way and
+    `copies` the COPY-TO addresses; `hits` every filter that had an opinion.
+    """
+
+    verdict: Verdict = CONTINUE
+    decided_by: str | None = None
+    tags: tuple[Verdict, ...] = ()
+    copies: tuple[str, ...] = ()
+    hits: tuple[Hit, ...] = ()
+
+    @property
+    def score(self) -> float:
+        return sum(hit.score for hit in self.hits)
+
+
+@attrs.define
+class FilterCounters:
+    """How often one filter was asked, what it said, and how it failed."""
+
+    calls: int = 0
+    seconds: float = 0.0
+    failures: int = 0
+    timeouts: int = 0
+    actions: dict[str, int] = attrs.field(factory=dict)
+
+
+class ChainRunner:
+    """The chains of one process, per direction, and the runner that walks them."""
+
+    def __init__(
+        self,
+        chains: dict[Direction, tuple[Link, ...]],
+        clock: IReactorTime,
+        *,
+        timer: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.chains = chains
+        self.clock = clock
+        self.timer = timer
+        self.counters: dict[str, FilterCounters] = {}
+        self._by_stage: dict[tuple[Direction, Stage], tuple[Link, ...]] = {}
+        for direction, links in chains.items():
+            for link in links:
+                self.counters.setdefault(link.name, FilterCounters())
+            for stage in Stage:
+                self._by_stage[direction, stage] = tuple(
+                    link for link in links if stage in link.filter.stages
+                )
+
+    def links(self, direction: Direction, stage: Stage) -> tuple[Link, ...]:
+        return self._by_stage.get((direction, stage), ())
+
+    def all_filters(self) -> Iterator[Any]:
+        """Every distinct filter object in any chain (for reload and session hooks)."""
+        seen: set[int] = set()
+        for links in self.chains.values():
+            for link in links:
+                if id(link.filter) not in seen:
+                    seen.add(id(link.filter))
+                    yield link.filter
+
+    def run(self, request: Request) -> Deferred[Outcome]:
+        """Run the request's stage of its direction's chain; never fails."""
+        walk = _Walk(self, request, self.links(request.direction, request.stage))
+        return walk.go()
+
+    def count(self, link: Link, verdict: Verdict, elapsed: float, *, failed: bool, timed_out: bool) -> None:
+        counters = self.counters.setdefault(link.name, FilterCounters())
+        counters.calls += 1
+        counters.seconds += elapsed
+        if failed:
+            counters.failures += 1
+        if timed_out:
+            counters.timeouts += 1
+        if verdict.action is not Action.CONTINUE:
+            key = verdict.action.value
+            counters.actions[key] = counters.actions.get(key, 0) + 1
+
+
+class _Walk:
+    """One run of one stage: a small state machine over the links."""
+
+    def __init__(self, runner: ChainRunner, request: Request, links: tuple[Link, ...]) -> None:
+        self.runner = runner
+        self.request = request
+        self.links = links
+        self.index = 0
+        self.tags: list[Verdict] = []
+        self.copies: list[str] = []
+        self.hits: list[Hit] = []
+        self.result: Deferred[Outcome] | None = None
+        self.started = 0.0
+        self.inline = False
+        self.inline_verdict: Verdict | None = None
+
+    def go(self) -> Deferred[Outcome]:
+        outcome = self._advance()
+        if outcome is not None:
+            return succeed(outcome)
+        self.result = Deferred()
+        return self.result
+
+    def _advance(self) -> Outcome | None:
+        """Run links until one waits (None) or the stage is decided (the Outcome)."""
+        while self.index < len(self.links):
+            link = self.links[self.index]
+            self.started = self.runner.timer()
+            try:
+                answer = link.filter.check(self.request)
+            except Exception:
+                verdict = self._failed(link, Failure(), timed_out=False)  # type: ignore[no-untyped-call]
+            else:
+                if isinstance(answer, Deferred):
+                    self.inline = True  # it may have fired already: then go on here
+                    answer.addTimeout(link.timeout, self.runner.clock)
+                    answer.addCallbacks(self._answered, self._errored, errbackArgs=(link,))
+                    self.inline = False
+                    if self.inline_verdict is None:
+                        return None
+                    verdict, self.inline_verdict = self.inline_verdict, None
+                else:
+                    verdict = self._checked(link, answer, failed=False)
+            self.index += 1
+            outcome = self._consider(link, verdict)
+            if outcome is not None:
+                return outcome
+        return self._outcome(CONTINUE, None)
+
+    def _answered(self, answer: object) -> None:
+        link = self.links[self.index]
+        self._resume(link, self._checked(link, answer, failed=False))
+
+    def _errored(self, failure: Failure, link: Link) -> None:
+        self._resume(link, self._failed(link, failure, timed_out=failure.check(TimeoutError) is not None))  # type: ignore[no-untyped-call]
+
+    def _resume(self, link: Link, verdict: Verdict) -> None:
+        if self.inline:
+            self.inline_verdict = verdict
+            return
+        self.index += 1
+        outcome = self._consider(link, verdict)
+        if outcome is None:
+            outcome = self._advance()
+        if outcome is not None:
+            assert self.result is not None
+            result, self.result = self.result, None
+            result.callback(outcome)
+
+    def _checked(self, link: Link, answer: object, *, failed: bool) -> Verdict:
+        if not isinstance(answer, Verdict):
+            error = TypeError(f"filter {link.name} returned {answer!r}, not a Verdict")
+            return self._failed(link, Failure(error), timed_out=False)  # type: ignore[no-untyped-call]
+        elapsed = self.runner.timer() - self.started
+        self.runner.count(link, answer, elapsed, failed=failed, timed_out=False)
+        if answer.action is not Action.CONTINUE:
+            self._hit(link, answer, elapsed, failed=False)
+        return answer
+
+    def _failed(self, link: Link, failure: Failure, *, timed_out: bool) -> Verdict:
+        elapsed = self.runner.timer() - self.started
+        verdict = link.on_failure
+        session = self.request.session
+        if timed_out:
+            log.warn(
+                "filter: {name} timed out after {timeout:g} s at {stage} for [{peer}]; acting as {action}",
+                name=link.name,
+                timeout=link.timeout,
+                stage=self.request.stage.value,
+                peer=session.peer_host,
+                action=verdict.action.value,
+            )
+        else:
+            log.failure(
+                "filter: {name} failed at {stage} for [{peer}]; acting as {action}",
+                failure,
+                name=link.name,
+                stage=self.request.stage.value,
+                peer=session.peer_host,
+                action=verdict.action.value,
+            )
+        self.runner.count(link, verdict, elapsed, failed=True, timed_out=timed_out)
+        self._hit(link, verdict, elapsed, failed=True)
+        return verdict
+
+    def _hit(self, link: Link, verdict: Verdict, elapsed: float, *, failed: bool) -> None:
+        request = self.request
+        recipient = request.recipient.address if request.recipient is not None else None
+        hit = Hit(
+            link.name,
+            request.stage,
+            verdict.action,
+            verdict.reason,
+            verdict.score,
+            elapsed,
+            recipient,
+            failed,
+        )
+        self.hits.append(hit)
+        envelope = request.envelope
+        log.info(
+            "filter: {name} {action} at {stage} [{peer}]{sender}{rcpt}: {reason}{score}",
+            name=link.name,
+            action=verdict.action.value + (" (failure verdict)" if failed else ""),
+            stage=request.stage.value,
+            peer=request.session.peer_host,
+            sender=f" from=<{envelope.mail_from}>" if envelope is not None else "",
+            rcpt=f" to=<{recipient}>" if recipient is not None else "",
+            reason=verdict.reason or "-",
+            score=f" score={verdict.score:g}" if verdict.score else "",
+        )
+
+    def _consider(self, link: Link, verdict: Verdict) -> Outcome | None:
+        if verdict.action is Action.TAG:
+            self.tags.append(verdict)
+        elif verdict.action is Action.COPY_TO and verdict.target:
+            self.copies.append(verdict.target)
+        if verdict.action.ends_stage:
+            return self._outcome(verdict, link.name)
+        return None
+
+    def _outcome(self, verdict: Verdict, decided_by: str | None) -> Outcome:
+        return Outcome(verdict, decided_by, tuple(self.tags), tuple(self.copies), tuple(self.hits))
+
+
+def check_filter(candidate: object, name: str) -> None:
+    """Raise TypeError unless `candidate` looks like a filter (for the registry)."""
+    if not IFilter.providedBy(candidate) and not (
+        hasattr(candidate, "check") and hasattr(candidate, "stages") and hasattr(candidate, "name")
+    ):
+        raise TypeError(f"{name} does not provide IFilter (name, stages, check)")
