@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--listener", action="append", default=[], help="fd:family:endpoint")
     parser.add_argument("--drop-privileges", action="store_true", help="become gateway.user once listening")
     args = parser.parse_args(argv)
+    # filters that share state with the main process (connection counts) look at this
+    os.environ["MAILGATE_WORKER"] = str(args.index)
 
     from twisted.internet import epollreactor
 
