@@ -235,6 +235,9 @@ class Section:
         self.path = path  # "smtp" or "routes[2]"
 
     def error(self, key: str, problem: str) -> ConfigError:
+        """An error about `key` of this table ("" for the table itself)."""
+        if not key:
+            return ConfigError(self.source, self.path, problem, _find_line(self.text, self.path, "\0"))
         full = f"{self.path}.{key}" if self.path else key
         return ConfigError(self.source, full, problem, _find_line(self.text, self.path, key))
 

@@ -1,0 +1,153 @@
+"""The chain runner: order, first deciding verdict wins, tags collect, failures and timeouts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
+from twisted.trial.unittest import SynchronousTestCase
+
+from gateway.filters import Request
+from gateway.filters.chain import ChainRunner, Link, Outcome, failure_verdict
+from gateway.filters.testing import StaticFilter, raising
+from gateway.model import ACCEPT, CONTINUE, Action, Direction, Envelope, Recipient, Session, Stage, Verdict
+
+SESSION = Session("192.0.2.7")
+ENVELOPE = Envelope("sender@example.org", (Recipient("bob@example.com"),))
+
+
+def request(stage: Stage = Stage.RCPT, direction: Direction = Direction.INBOUND) -> Request:
+    recipient = Recipient("bob@example.com") if stage is Stage.RCPT else None
+    envelope = ENVELOPE if stage in (Stage.MAIL, Stage.RCPT, Stage.DATA) else None
+    return Request(stage, direction, SESSION, envelope, recipient)
+
+
+def outcome_of(deferred: Deferred[Outcome]) -> Outcome:
+    found: list[Any] = []
+    deferred.addBoth(found.append)
+    assert found, "the runner has not decided yet"
+    assert isinstance(found[0], Outcome), found[0]
+    return found[0]
+
+
+class RunnerTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+
+    def runner(self, *filters: StaticFilter, on_failure: str = "defer", timeout: float = 5.0) -> ChainRunner:
+        links = tuple(Link(f, timeout, failure_verdict(on_failure, f.name)) for f in filters)
+        return ChainRunner({Direction.INBOUND: links}, self.clock)
+
+    def test_no_opinion_anywhere_is_continue(self) -> None:
+        first, second = StaticFilter("first"), StaticFilter("second")
+        outcome = outcome_of(self.runner(first, second).run(request()))
+        self.assertIs(outcome.verdict.action, Action.CONTINUE)
+        self.assertEqual((len(first.requests), len(second.requests)), (1, 1))
+        self.assertEqual(outcome.hits, ())
+
+    def test_the_first_verdict_that_ends_the_stage_wins_and_the_rest_do_not_run(self) -> None:
+        reject = StaticFilter("blocker", {Stage.RCPT: Verdict.reject("listed")})
+        later = StaticFilter("later", {Stage.RCPT: ACCEPT})
+        outcome = outcome_of(self.runner(StaticFilter("quiet"), reject, later).run(request()))
+        self.assertEqual((outcome.verdict.action, outcome.decided_by), (Action.REJECT, "blocker"))
+        self.assertEqual(later.requests, [])
+
+    def test_order_is_the_configured_order(self) -> None:
+        accept = StaticFilter("allow", {Stage.RCPT: ACCEPT})
+        reject = StaticFilter("block", {Stage.RCPT: Verdict.reject("no")})
+        self.assertIs(outcome_of(self.runner(accept, reject).run(request())).verdict.action, Action.ACCEPT)
+        self.assertIs(outcome_of(self.runner(reject, accept).run(request())).verdict.action, Action.REJECT)
+
+    def test_tags_and_copies_collect_and_the_chain_goes_on(self) -> None:
+        tag = StaticFilter("tagger", {Stage.RCPT: Verdict(Action.TAG, "odd", 2.5, (("X-Odd", "yes"),))})
+        copy = StaticFilter("audit", {Stage.RCPT: Verdict(Action.COPY_TO, target="audit@example.com")})
+        defer = StaticFilter("grey", {Stage.RCPT: Verdict.defer("later")})
+        outcome = outcome_of(self.runner(tag, copy, defer).run(request()))
+        self.assertIs(outcome.verdict.action, Action.DEFER)
+        self.assertEqual([t.headers for t in outcome.tags], [(("X-Odd", "yes"),)])
+        self.assertEqual(outcome.copies, ("audit@example.com",))
+        self.assertEqual([h.filter for h in outcome.hits], ["tagger", "audit", "grey"])
+        self.assertEqual(outcome.score, 2.5)
+
+    def test_filters_run_only_at_their_stages(self) -> None:
+        connect_only = StaticFilter("greeter", {Stage.CONNECT: Verdict.reject("go away")})
+        outcome = outcome_of(self.runner(connect_only).run(request(Stage.RCPT)))
+        self.assertIs(outcome.verdict.action, Action.CONTINUE)
+        self.assertEqual(connect_only.requests, [])
+
+    def test_each_direction_has_its_own_chain(self) -> None:
+        inbound = StaticFilter("strict", {Stage.MAIL: Verdict.reject("no")})
+        runner = ChainRunner({Direction.INBOUND: (Link(inbound),), Direction.OUTBOUND: ()}, self.clock)
+        self.assertIs(
+            outcome_of(runner.run(request(Stage.MAIL, Direction.OUTBOUND))).verdict.action, Action.CONTINUE
+        )
+        self.assertIs(outcome_of(runner.run(request(Stage.MAIL))).verdict.action, Action.REJECT)
+
+    def test_a_filter_that_raises_yields_defer_is_logged_and_counted(self) -> None:
+        broken = StaticFilter("broken", {Stage.RCPT: raising(RuntimeError("database gone"))})
+        after = StaticFilter("after")
+        with capturedLogs() as events:
+            outcome = outcome_of(self.runner(broken, after).run(request()))
+        self.assertEqual((outcome.verdict.action, outcome.verdict.code), (Action.DEFER, 451))
+        self.assertIn("broken", outcome.verdict.reason)
+        self.assertEqual(after.requests, [])  # never passed on unchecked
+        self.assertTrue(any("broken failed" in str(e.get("log_format", "")).format(**e) for e in events))
+        self.assertEqual(self.flushLoggedErrors(RuntimeError)[0].getErrorMessage(), "database gone")
+        self.assertTrue(outcome.hits[0].failed)
+
+    def test_fail_open_only_where_configured(self) -> None:
+        broken = StaticFilter("optional", {Stage.RCPT: raising(RuntimeError("x"))})
+        after = StaticFilter("after", {Stage.RCPT: Verdict.reject("caught later")})
+        outcome = outcome_of(self.runner(broken, after, on_failure="continue").run(request()))
+        self.assertEqual(outcome.decided_by, "after")
+        self.flushLoggedErrors(RuntimeError)
+        reject = outcome_of(
+            self.runner(StaticFilter("b", {Stage.RCPT: raising(RuntimeError())}), on_failure="reject").run(
+                request()
+            )
+        )
+        self.assertEqual(reject.verdict.code, 554)
+        self.flushLoggedErrors(RuntimeError)
+
+    def test_a_slow_filter_times_out_into_its_failure_verdict(self) -> None:
+        slow = StaticFilter("slow", {Stage.RCPT: "wait"})
+        runner = self.runner(slow, timeout=3.0)
+        deferred = runner.run(request())
+        found: list[Outcome] = []
+        deferred.addCallback(found.append)
+        self.clock.advance(2.9)
+        self.assertEqual(found, [])
+        self.clock.advance(0.2)
+        self.assertIs(found[0].verdict.action, Action.DEFER)
+        self.assertEqual(runner.counters["slow"].timeouts, 1)
+
+    def test_waiting_filters_resume_the_chain_in_order(self) -> None:
+        first = StaticFilter("dns", {Stage.RCPT: "wait"})
+        second = StaticFilter("then", {Stage.RCPT: Verdict.reject("listed")})
+        deferred = self.runner(first, second).run(request())
+        found: list[Outcome] = []
+        deferred.addCallback(found.append)
+        self.assertEqual(second.requests, [])
+        first.waiting[0].callback(CONTINUE)
+        self.assertEqual(found[0].decided_by, "then")
+
+    def test_an_already_fired_deferred_is_taken_at_once(self) -> None:
+        fired = StaticFilter("fired", {Stage.RCPT: lambda r: succeed(CONTINUE)})
+        last = StaticFilter("last", {Stage.RCPT: Verdict.reject("no")})
+        self.assertEqual(outcome_of(self.runner(fired, last).run(request())).decided_by, "last")
+
+    def test_a_filter_returning_garbage_is_a_failure_not_a_pass(self) -> None:
+        odd = StaticFilter("odd", {Stage.RCPT: lambda r: "OK"})
+        outcome = outcome_of(self.runner(odd).run(request()))
+        self.assertIs(outcome.verdict.action, Action.DEFER)
+        self.flushLoggedErrors(TypeError)
+
+    def test_counters(self) -> None:
+        reject = StaticFilter("block", {Stage.RCPT: Verdict.reject("no")})
+        runner = self.runner(reject)
+        for _ in range(3):
+            runner.run(request())
+        self.assertEqual(runner.counters["block"].calls, 3)
+        self.assertEqual(runner.counters["block"].actions, {"reject": 3})
