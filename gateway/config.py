@@ -233,6 +233,7 @@ class Section:
         self.text = text
         self.table = dict(table)
         self.path = path  # "smtp" or "routes[2]"
+        self.asked: dict[str, object] = {}  # every key read, with its default (for the docs test)
 
     def error(self, key: str, problem: str) -> ConfigError:
         """An error about `key` of this table ("" for the table itself)."""
@@ -242,6 +243,7 @@ class Section:
         return ConfigError(self.source, full, problem, _find_line(self.text, self.path, key))
 
     def take(self, key: str, kind: type[T], default: T) -> T:
+        self.asked.setdefault(key, default)
         if key not in self.table:
             return default
         value = self.table.pop(key)
@@ -252,6 +254,7 @@ class Section:
         return value
 
     def duration(self, key: str, default: float) -> float:
+        self.asked.setdefault(key, default)
         value = self.table.pop(key, default)
         parsed = _parse_duration(value)
         if parsed is None:
@@ -259,6 +262,7 @@ class Section:
         return parsed
 
     def size(self, key: str, default: int) -> int:
+        self.asked.setdefault(key, default)
         value = self.table.pop(key, default)
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             return value

@@ -81,10 +81,12 @@ def build_runner(
             links.append(instances[name])
         chains[direction] = tuple(links)
     for name in filters_cfg.options:
-        if name not in instances and not any(name in getattr(filters_cfg, d.value) for d in Direction):
-            raise filters_cfg.section(cfg.source, name).error(
-                "", f"options for filter {name!r}, which no chain uses (add it to filters.inbound, ...)"
-            )
+        if name in instances:
+            continue
+        section = filters_cfg.section(cfg.source, name)
+        if section.table.get("filter", name) not in known:
+            raise section.error("", f"options for {name!r}, which is not a known filter and no chain uses")
+        _build(cfg, services, known, name, Direction.INBOUND)  # not in a chain: only checked
     return ChainRunner(chains, services.reactor)
 
 

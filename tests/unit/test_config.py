@@ -53,11 +53,13 @@ def test_every_default_in_the_code_is_documented_in_the_example() -> None:
     with open(os.path.join(ROOT, "etc", "mailgate.toml"), encoding="utf-8") as handle:
         text = handle.read()
     defaults = config.parse("", "<defaults>")
-    for section in ("gateway", "smtp", "tls", "auth", "relay", "upstream", "delivery", "dns"):
+    for section in ("gateway", "smtp", "tls", "auth", "relay", "upstream", "delivery", "dns", "filters"):
         import attrs
 
         for field in attrs.fields(type(getattr(defaults, section))):
-            assert f"\n{field.name} = " in text or f"\n# {field.name}" in text or field.name == "listeners", (
+            if field.name in ("listeners", "options", "text"):
+                continue
+            assert f"\n{field.name} = " in text or f"\n# {field.name}" in text, (
                 f"{section}.{field.name} is not documented in etc/mailgate.toml"
             )
 
@@ -162,3 +164,26 @@ def test_non_defaults_lists_only_what_was_changed() -> None:
 )
 def test_domain_matches(domain: str, patterns: tuple[str, ...], expected: bool) -> None:
     assert config.domain_matches(domain, patterns) is expected
+
+
+def test_every_option_of_every_builtin_filter_is_documented_in_the_example() -> None:
+    from gateway.filters import FilterServices
+    from gateway.filters.registry import BUILTIN, _load
+
+    cfg = config.load(os.path.join(ROOT, "etc", "mailgate.toml"))
+    services = FilterServices(cfg, reactor=None)
+    for name, spec in BUILTIN.items():
+        documented = cfg.filters.options.get(name)
+        assert documented is not None, f"[filters.{name}] is missing from etc/mailgate.toml"
+        section = cfg.filters.section(cfg.source, name)
+        _load(spec).from_config(section, services)
+        missing = sorted(set(section.asked) - set(documented))
+        assert not missing, f"filters.{name}: {missing} not documented in etc/mailgate.toml"
+
+
+def test_filter_chain_keys_and_defaults() -> None:
+    cfg = config.parse('[filters]\ninbound = ["lists"]\ntimeout = "5s"\n', "t.toml")
+    assert (cfg.filters.inbound, cfg.filters.timeout, cfg.filters.on_failure) == (("lists",), 5.0, "defer")
+    assert str(error_of('[filters]\non_failure = "pass"\n')).startswith(
+        "test.toml, line 2: filters.on_failure:"
+    )

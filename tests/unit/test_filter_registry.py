@@ -97,10 +97,14 @@ def test_a_bad_option_names_the_filters_table_and_line() -> None:
     )
 
 
-def test_options_for_a_filter_no_chain_uses_are_an_error() -> None:
-    message = error_of('[filters]\ninbound = []\n[filters.dnsbl]\nzones = ["x"]\n')
+def test_options_of_an_unchained_filter_are_still_checked_and_a_typo_is_an_error() -> None:
+    runner = build('[filters]\ninbound = []\n[filters.static]\nstages = ["rcpt"]\n')  # documented, unused
+    assert runner.chains[Direction.INBOUND] == ()
+    message = error_of('[filters]\ninbound = []\n[filters.static]\nstages = ["rcpt"]\nzones = 1\n')
+    assert "filters.static.zones: unknown key" in message
+    message = error_of('[filters]\ninbound = []\n[filters.dnsbll]\nzones = ["x"]\n')
     assert message.startswith(
-        "mailgate.toml, line 3: filters.dnsbl: options for filter 'dnsbl', which no chain"
+        "mailgate.toml, line 3: filters.dnsbll: options for 'dnsbll', which is not a known"
     )
 
 
