@@ -1,0 +1,362 @@
+#!/usr/bin/env python3
+"""Filter-chain benchmark: pre-DATA sessions per second, with and without the chain.
+
+    load (127.2.x.y, a new client address per session) --> gateway 127.0.0.1:2537
+    gateway --DNSBL (3 zones)--> rbldnsd 127.0.0.1:<port>   (through a slow proxy
+                                                              for 127.9.x.y clients)
+
+A session is what the pre-DATA chain sees of every client: connect, banner,
+EHLO, then MAIL FROM, RCPT TO and QUIT pipelined, and the three replies. Each
+session comes from a different source address in 127.2.0.0/16, so every session
+is a new client for the DNSBL cache (three real lookups per session).
+
+Cells, all in one run, each with a fresh gateway:
+
+- core: the relay core alone (no filters);
+- chain: the full pre-DATA chain (lists, limits, protocol, helo, dnsbl with three
+  zones, rhsbl, recipients), all with the documented defaults except what a
+  benchmark must change (limits raised far above the load);
+- chain+stalled: the chain, while 1,000 other sessions (from 127.9.x.y) wait on
+  DNS answers that never come (the proxy drops their queries): are the other
+  sessions still served, and how fast?
+
+It prints sessions/s per cell and the ratios chain/core (target >= 0.8: the chain
+costs under 20 %) and stalled/chain (sessions served while 1,000 wait).
+
+    /tmp/venv/bin/python bench/filter_bench.py [--seconds 10] [--concurrency 50] [--reps 3]
+
+Needs root (rbldnsd is started as nobody), rbldnsd, and the gateway's Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+from _sysstat import Snapshot, compare  # noqa: E402
+from relay_bench import Processes, wait_banner  # noqa: E402
+
+HOST = "127.0.0.1"
+GATEWAY_PORT = 2537
+ZONES = ("z1.bench.test", "z2.bench.test", "z3.bench.test")
+STALLED = 1000
+
+GATEWAY_CONFIG = """\
+[gateway]
+hostname = "gw.bench.test"
+state_dir = "{state}"
+user = ""
+
+[[smtp.listeners]]
+endpoint = "tcp:{port}:interface=127.0.0.1:backlog=1024"
+role = "inbound"
+
+[relay]
+domains = ["dest.bench.test"]
+networks = []
+
+[[routes]]
+match = "*"
+transport = "smtp:[127.0.0.1]:9"
+tls = "none"
+
+[dns]
+nameservers = ["127.0.0.1:{dns_port}"]
+timeout = "60s"
+"""
+
+CHAIN_CONFIG = """
+[filters]
+inbound = ["lists", "limits", "protocol", "helo", "dnsbl", "rhsbl", "recipients"]
+
+[filters.lists]
+block_clients = ["192.0.2.0/24"]
+block_senders = ["@spam.example"]
+
+[filters.limits]
+max_connections = 100000
+per_ip_connections = 1000
+per_ip_rate = 100000
+
+[filters.dnsbl]
+zones = ["z1.bench.test*2", "z2.bench.test", "z3.bench.test"]
+threshold = 2
+
+[filters.rhsbl]
+zones = ["z1.bench.test"]
+
+[filters.recipients]
+mode = "static"
+addresses = ["@dest.bench.test"]
+"""
+
+
+class RblDns:
+    """rbldnsd with three ip4set zones, and a proxy in front that drops queries for 127.9/16."""
+
+    def __init__(self, procs: Processes, directory: str) -> None:
+        self.directory = directory
+        os.makedirs(directory, exist_ok=True)
+        os.chmod(directory, 0o755)
+        for number, listed in enumerate(("127.3.0.0/16", "127.4.0.0/16", "127.5.0.0/16"), 1):
+            with open(os.path.join(directory, f"z{number}"), "w") as handle:
+                handle.write(f"{listed}\n")
+        self.port = free_udp_port()
+        self.proxy_port = free_udp_port()
+        zones = [f"{zone}:ip4set:z{n}" for n, zone in enumerate(ZONES, 1)]
+        self.proc = procs.start(
+            [
+                "rbldnsd",
+                "-n",
+                "-f",
+                "-u",
+                "nobody",
+                "-b",
+                f"{HOST}/{self.port}",
+                "-r",
+                directory,
+                "-w",
+                "",
+                *zones,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.proxy = procs.start(
+            [
+                sys.executable,
+                os.path.join(HERE, "_slow_dns.py"),
+                str(self.proxy_port),
+                str(self.port),
+                "9.127.",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        time.sleep(0.5)
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+class Gateway:
+    def __init__(self, procs: Processes, directory: str, dns_port: int, chain: bool) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self.config = os.path.join(directory, "mailgate.toml")
+        self.log = os.path.join(directory, "gateway.log")
+        with open(self.config, "w") as handle:
+            handle.write(
+                GATEWAY_CONFIG.format(
+                    state=os.path.join(directory, "state"), port=GATEWAY_PORT, dns_port=dns_port
+                )
+            )
+            if chain:
+                handle.write(CHAIN_CONFIG)
+        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self._log = open(self.log, "wb")  # noqa: SIM115 (closed in stop())
+        self.procs = procs
+        self.proc = procs.start(
+            [
+                sys.executable,
+                "-m",
+                "twisted",
+                "--reactor",
+                "epoll",
+                "--log-format",
+                "text",
+                "mailgate",
+                "--config",
+                self.config,
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=directory,
+            env=env,
+        )
+        wait_banner(GATEWAY_PORT, 60, self.proc)
+
+    def stop(self) -> None:
+        self.procs.stop(self.proc, timeout=30)
+        self._log.close()
+
+    def log_count(self, text: str) -> int:
+        with open(self.log, errors="replace") as handle:
+            return sum(text in line for line in handle)
+
+
+async def read_reply(reader: asyncio.StreamReader) -> bytes:
+    while True:
+        line = await reader.readline()
+        if not line:
+            raise ConnectionError("closed by the server")
+        if len(line) < 4 or line[3:4] != b"-":
+            return line
+
+
+async def one_session(source: str) -> bool:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setblocking(False)
+    try:
+        sock.bind((source, 0))
+        await asyncio.get_running_loop().sock_connect(sock, (HOST, GATEWAY_PORT))
+    except BaseException:
+        sock.close()
+        raise
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        if not (await read_reply(reader)).startswith(b"220"):
+            return False
+        writer.write(b"EHLO client.bench.test\r\n")
+        if not (await read_reply(reader)).startswith(b"250"):
+            return False
+        writer.write(b"MAIL FROM:<sender@client.bench.test>\r\nRCPT TO:<rcpt@dest.bench.test>\r\nQUIT\r\n")
+        replies = [await read_reply(reader) for _ in range(3)]
+        return (
+            replies[0].startswith(b"250") and replies[1].startswith(b"250") and replies[2].startswith(b"221")
+        )
+    finally:
+        writer.close()
+
+
+async def load(seconds: float, concurrency: int) -> dict[str, Any]:
+    """Sessions from fresh 127.2.x.y addresses, `concurrency` at a time, for `seconds`."""
+    addresses = [f"127.2.{a}.{b}" for a in range(256) for b in range(1, 255)]
+    random.shuffle(addresses)
+    done = failed = 0
+    errors: dict[str, int] = {}
+    deadline = time.monotonic() + seconds
+    index = 0
+
+    async def worker() -> None:
+        nonlocal done, failed, index
+        while time.monotonic() < deadline:
+            source = addresses[index % len(addresses)]
+            index += 1
+            try:
+                ok = await asyncio.wait_for(one_session(source), 30)
+            except (OSError, ConnectionError, TimeoutError) as error:
+                ok = False
+                key = type(error).__name__
+                errors[key] = errors.get(key, 0) + 1
+            if ok:
+                done += 1
+            else:
+                failed += 1
+
+    started = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.monotonic() - started
+    return {"sessions": done, "failed": failed, "seconds": elapsed, "rate": done / elapsed, "errors": errors}
+
+
+async def stall(count: int) -> list[socket.socket]:
+    """Open `count` sessions from 127.9.x.y whose DNSBL queries the proxy drops."""
+    sockets = []
+    loop = asyncio.get_running_loop()
+    for number in range(count):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.bind((f"127.9.{number // 250}.{number % 250 + 1}", 0))
+        await loop.sock_connect(sock, (HOST, GATEWAY_PORT))
+        sockets.append(sock)
+    return sockets
+
+
+def banners_received(sockets: list[socket.socket]) -> int:
+    received = 0
+    for sock in sockets:
+        with contextlib.suppress(BlockingIOError):
+            if sock.recv(4096):
+                received += 1
+    return received
+
+
+def run_cell(procs: Processes, work: str, dns: RblDns, name: str, args: argparse.Namespace) -> dict[str, Any]:
+    gateway = Gateway(procs, os.path.join(work, name), dns.proxy_port, chain=name != "core")
+    try:
+        asyncio.run(load(1.0, args.concurrency))  # warm-up: imports, first lookups
+        stalled: list[socket.socket] = []
+        if name == "chain+stalled":
+            stalled = asyncio.run(stall(STALLED))
+            time.sleep(1.0)
+        before = Snapshot.take()
+        result = asyncio.run(load(args.seconds, args.concurrency))
+        result["cpu"] = compare(before, Snapshot.take(), {gateway.proc.pid})
+        if stalled:
+            result["stalled_without_banner"] = STALLED - banners_received(stalled)
+            for sock in stalled:
+                sock.close()
+        return result
+    finally:
+        gateway.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--reps", type=int, default=1)
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args(argv)
+    if shutil.which("rbldnsd") is None:
+        print("rbldnsd is not installed (apt-get install rbldnsd)", file=sys.stderr)
+        return 2
+    procs = Processes()
+    work = tempfile.mkdtemp(prefix="mailgate-filter-bench-")
+    os.chmod(work, 0o755)
+    results: dict[str, list[dict[str, Any]]] = {"core": [], "chain": [], "chain+stalled": []}
+    try:
+        dns = RblDns(procs, os.path.join(work, "rbldnsd"))
+        for rep in range(args.reps):
+            for name in results:
+                result = run_cell(procs, os.path.join(work, f"rep{rep}"), dns, name, args)
+                results[name].append(result)
+                extra = (
+                    f" stalled_without_banner={result['stalled_without_banner']}"
+                    if "stalled_without_banner" in result
+                    else ""
+                )
+                print(
+                    f"rep {rep + 1} {name:<14} sessions/s={result['rate']:7.1f} ok={result['sessions']}"
+                    f" failed={result['failed']} {result['errors'] or ''}{extra}",
+                    flush=True,
+                )
+    finally:
+        procs.stop_all()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    median = {name: statistics.median(r["rate"] for r in rows) for name, rows in results.items()}
+    print()
+    print(f"{'cell':<14} {'sessions/s (median of ' + str(args.reps) + ')':>28}")
+    for name, rate in median.items():
+        print(f"{name:<14} {rate:>28.1f}")
+    print(f"ratio chain/core          = {median['chain'] / median['core']:.2f}  (target >= 0.80)")
+    print(
+        f"ratio stalled/chain       = {median['chain+stalled'] / median['chain']:.2f}"
+        f"  (with {STALLED} sessions waiting on DNS)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
