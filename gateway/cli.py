@@ -3,10 +3,14 @@
     mailgatectl [--config FILE] queue list | show ID | hold ID | release ID | delete ID | flush [ID]
     mailgatectl [--config FILE] status
     mailgatectl [--config FILE] config check
+    mailgatectl [--config FILE] filters [--available]
+    mailgatectl [--config FILE] reload
     mailgatectl passwd USER          (prints a credentials-file line for USER)
 
-The queue commands talk to the running gateway over its control socket; when the
-gateway is not running they say so, in one line, and exit with status 1.
+The queue, status and reload commands talk to the running gateway over its
+control socket; when the gateway is not running they say so, in one line, and
+exit with status 1. `config check` and `filters` read the configuration only; a
+bad one is reported in one line with its file and line, and status 2.
 """
 
 from __future__ import annotations
@@ -126,6 +130,43 @@ def config_check(cfg: configuration.Config) -> None:
         print(f"{key} = {json.dumps(value) if not isinstance(value, str) else value}")
 
 
+class _NotConnected:
+    """Stands in for DNS, the state store and the connection counter in `filters`.
+
+    Building the chains to print them must not open, create or connect to
+    anything: whatever a filter asks of this at build time answers None.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+def print_filters(cfg: configuration.Config) -> None:
+    """The effective chains, in order, built as the gateway builds them (but connected to nothing)."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from gateway.filters import FilterServices
+    from gateway.filters.registry import build_runner, describe
+
+    unused = _NotConnected()
+    reactor = MemoryReactorClock()  # type: ignore[no-untyped-call]  # records; never connects
+    services = FilterServices(cfg, reactor, anvil=unused, store=unused, dns=unused)
+    for line in describe(build_runner(cfg, services)):
+        print(line)
+
+
+def print_available(cfg: configuration.Config) -> None:
+    """Every filter name a chain may use, and where it comes from."""
+    from gateway.filters.registry import BUILTIN, ENTRY_POINT_GROUP, available
+
+    known = available(cfg.source)
+    width = max(len(name) for name in known)
+    spec_width = max(len(spec) for spec in known.values())
+    for name, spec in known.items():
+        origin = "built in" if name in BUILTIN else f"entry point ({ENTRY_POINT_GROUP})"
+        print(f"{name:<{width}}  {spec:<{spec_width}}  {origin}")
+
+
 def passwd(user: str) -> None:
     from gateway.smtp.auth import hash_password
 
@@ -157,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("status", help="is the gateway running; queue counts")
     check = commands.add_parser("config", help="check the configuration")
     check.add_argument("action", choices=["check"])
+    filters = commands.add_parser("filters", help="print the filter chains in order")
+    filters.add_argument("--available", action="store_true", help="list the filters a chain may use")
+    commands.add_parser("reload", help="make the running gateway re-read its list files")
     commands.add_parser("passwd", help="print a credentials-file line for a user").add_argument("user")
     return parser
 
@@ -171,11 +215,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             config_check(cfg)
             return 0
+        if args.command == "filters":
+            (print_available if args.available else print_filters)(cfg)
+            return 0
         sock = cfg.control_socket
         if args.command == "status":
             status = call(sock, {"command": "status"})
             queue = ", ".join(f"{k} {v}" for k, v in status["queue"].items())
             print(f"mailgate is running (pid {status['pid']}, up {status['uptime']:.0f} s); queue: {queue}")
+        elif args.command == "reload":
+            print(call(sock, {"command": "reload"}))
         elif args.action == "list":
             print_queue(call(sock, {"command": "queue.list"}))
         elif args.action == "show":

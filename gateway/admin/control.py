@@ -4,7 +4,8 @@ One JSON object per line each way, on a UNIX socket readable only by the
 gateway's user (and root). JSON lines rather than AMP because AMP caps a value
 at 64 KiB, and a queue listing is longer than that on a busy day.
 
-Request: ``{"command": "queue.list"}`` or ``{"command": "queue.hold", "id": "..."}``.
+Request: ``{"command": "queue.list"}``, ``{"command": "queue.hold", "id": "..."}``
+or ``{"command": "reload"}`` (the filters re-read their files).
 Reply: ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "..."}``.
 """
 
@@ -63,12 +64,24 @@ class ControlProtocol(LineOnlyReceiver):
 
 
 class ControlFactory(Factory):
-    """Builds the command table from the queue manager and the spool."""
+    """Builds the command table from the queue manager and the spool.
 
-    def __init__(self, manager: QueueManager, spool: ISpool, started: float | None = None) -> None:
+    `reload` runs a reload of the filters (and the SMTP workers') and returns a
+    one-line summary; it raises ValueError, with the reason, when a filter kept
+    its old data (`gateway.filters.reload.reloader` makes one).
+    """
+
+    def __init__(
+        self,
+        manager: QueueManager,
+        spool: ISpool,
+        started: float | None = None,
+        reload: Callable[[], str] | None = None,
+    ) -> None:
         self.manager = manager
         self.spool = spool
         self.started = started or time.time()
+        self.reload = reload
 
     def buildProtocol(self, addr: object) -> ControlProtocol:
         protocol = ControlProtocol(
@@ -80,6 +93,7 @@ class ControlFactory(Factory):
                 "queue.release": lambda r: self._then(self.manager.release(r["id"]), r["id"]),
                 "queue.delete": lambda r: self._then(self.manager.delete(r["id"]), r["id"]),
                 "queue.flush": lambda r: self.manager.flush(r.get("id")),
+                "reload": self.run_reload,
             }
         )
         protocol.factory = self
@@ -93,6 +107,11 @@ class ControlFactory(Factory):
         counts = {state: len(self.spool.list(state)) for state in ("incoming", "deferred", "hold", "corrupt")}
         counts["active"] = len(self.manager.in_flight)
         return {"pid": os.getpid(), "uptime": time.time() - self.started, "queue": counts}
+
+    def run_reload(self, request: dict[str, Any]) -> str:
+        if self.reload is None:
+            raise ValueError("this gateway has nothing to reload")
+        return self.reload()
 
     def show(self, request: dict[str, Any]) -> dict[str, Any]:
         queue_id = request["id"]

@@ -1,0 +1,126 @@
+"""Reloading filters without a restart: SIGHUP and `mailgatectl reload`.
+
+Filters that read files (the lists) provide `IReloadable`. A reload asks each
+of them to re-read; one whose file is bad logs one error naming the file and
+line, and keeps what it had. In the main process a reload also passes SIGHUP on
+to the SMTP worker processes, which reload their own filters the same way.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+from twisted.logger import Logger
+
+from gateway.config import ConfigError
+from gateway.filters.chain import ChainRunner
+from gateway.interfaces import IReloadable
+
+if TYPE_CHECKING:
+    from gateway.smtp.workers import SmtpWorkers
+
+log = Logger(namespace="mailgate.reload")
+
+
+class ReloadFailed(ValueError):
+    """A filter could not reload (its old data is kept); the message says which and why.
+
+    A ValueError so that the control socket sends the message to mailgatectl.
+    """
+
+
+@attrs.frozen
+class ReloadResult:
+    """Which filters reloaded, and which kept their old data (with the error)."""
+
+    reloaded: tuple[str, ...] = ()
+    failed: tuple[tuple[str, str], ...] = ()  # (filter name, the one-line error)
+
+    def describe(self) -> str:
+        if not self.reloaded and not self.failed:
+            return "no filter to reload"
+        parts = []
+        if self.reloaded:
+            parts.append(f"reloaded {', '.join(self.reloaded)}")
+        parts.extend(f"filter {name} kept its old data: {error}" for name, error in self.failed)
+        return "; ".join(parts)
+
+
+def reload_filters(runner: ChainRunner) -> ReloadResult:
+    """Reload every reloadable filter of the runner's chains, logging each outcome."""
+    reloaded: list[str] = []
+    failed: list[tuple[str, str]] = []
+    for candidate in runner.all_filters():
+        if not IReloadable.providedBy(candidate):
+            continue
+        name = str(getattr(candidate, "name", type(candidate).__name__))
+        try:
+            candidate.reload()
+        except ConfigError as error:
+            log.error("filter {name}: reload failed, the old data is kept: {error}", name=name, error=error)
+            failed.append((name, str(error)))
+        except Exception as error:  # a bug in a filter must not take the gateway down
+            log.failure("filter {name}: reload failed, the old data is kept", name=name)
+            failed.append((name, f"{type(error).__name__}: {error}"))
+        else:
+            log.info("filter {name} reloaded", name=name)
+            reloaded.append(name)
+    return ReloadResult(tuple(reloaded), tuple(failed))
+
+
+def reloader(runner: ChainRunner, workers: SmtpWorkers | None = None) -> Callable[[], str]:
+    """The reload of one process, as SIGHUP and the control socket run it.
+
+    It reloads the runner's filters, passes SIGHUP on to the SMTP worker
+    processes when `workers` is given (they reload on their own, a moment
+    later), and returns a one-line summary; it raises `ReloadFailed` (with the
+    same summary) when a filter kept its old data.
+    """
+
+    def reload() -> str:
+        result = reload_filters(runner)
+        summary = result.describe()
+        if workers is not None:
+            signalled = signal_workers(workers)
+            summary += f"; SIGHUP sent to {signalled} SMTP worker process(es)"
+        if result.failed:
+            raise ReloadFailed(summary)
+        return summary
+
+    return reload
+
+
+def signal_workers(workers: SmtpWorkers) -> int:
+    """Send SIGHUP to every running SMTP worker process; how many were sent one."""
+    count = 0
+    for transport in list(workers.links.values()):
+        try:
+            transport.signalProcess("HUP")
+        except Exception as error:  # ProcessExitedAlready: it is being restarted (and reads anew)
+            log.debug("SIGHUP not sent to a worker: {error}", error=error)
+        else:
+            count += 1
+    return count
+
+
+def install_sighup(reactor: Any, reload: Callable[[], object]) -> None:
+    """Run `reload` in the reactor thread whenever the process gets SIGHUP.
+
+    The handler only schedules the reload (callFromThread is safe from a signal
+    handler); errors are logged by the reload, never raised into the reactor.
+    """
+
+    def run() -> None:
+        try:
+            summary = reload()
+        except ReloadFailed:
+            return  # logged, filter by filter, by reload_filters
+        log.info("SIGHUP: {summary}", summary=summary)
+
+    def handler(signum: int, frame: object) -> None:
+        reactor.callFromThread(run)
+
+    signal.signal(signal.SIGHUP, handler)
