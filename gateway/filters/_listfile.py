@@ -133,6 +133,8 @@ def read_list_file(path: str) -> Iterator[Entry]:
 
 def _strip_comment(line: str) -> str:
     line = line.strip()
+    if "#" not in line:
+        return line
     if line.startswith("#"):
         return ""
     return re.split(r"\s#", line, maxsplit=1)[0].strip()

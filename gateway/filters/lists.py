@@ -94,9 +94,11 @@ class NetworkTable:
         tables = self._by_version[network.version]
         length = network.prefixlen
         key = int(network.network_address) >> (network.max_prefixlen - length)
-        table = tables.setdefault(length, {})
+        table = tables.get(length)
+        if table is None:
+            table = tables[length] = {}
+            self._lengths[network.version] = tuple(sorted(tables, reverse=True))
         table[key] = _merge(table.get(key), listing)
-        self._lengths[network.version] = tuple(sorted(tables, reverse=True))
 
     def lookup(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> Listing | None:
         tables = self._by_version[address.version]

@@ -129,3 +129,98 @@ def test_cli_talks_json_lines_over_the_socket(tmp_path: os.PathLike[str]) -> Non
     assert cli.call(path, {"command": "status"}) == {"command": "status"}
     thread.join()
     server.close()
+
+
+class ReloadCommandTests(TestCase):
+    """`mailgatectl reload` over the control socket."""
+
+    def ask(self, factory: ControlFactory, **request: object) -> dict[str, object]:
+        transport = StringTransport()
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(json.dumps(request).encode() + b"\n")
+        return json.loads(transport.value())  # type: ignore[no-any-return]
+
+    def factory(self, reload: object = None) -> ControlFactory:
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        spool = MemorySpool(directory=directory)
+        manager = QueueManager(
+            spool,
+            Router(()),
+            lambda route: DeferringTransport(),
+            lambda m, f: succeed(None),
+            DeliveryConfig(),
+            Clock(),
+        )
+        return ControlFactory(manager, spool, reload=reload)  # type: ignore[arg-type]
+
+    def test_reload_runs_the_reload_and_answers_its_summary(self) -> None:
+        calls: list[int] = []
+
+        def reload() -> str:
+            calls.append(1)
+            return "reloaded lists; SIGHUP sent to 1 SMTP worker process(es)"
+
+        answer = self.ask(self.factory(reload), command="reload")
+        self.assertEqual(
+            answer, {"ok": True, "result": "reloaded lists; SIGHUP sent to 1 SMTP worker process(es)"}
+        )
+        self.assertEqual(calls, [1])
+
+    def test_a_failed_reload_is_an_error_with_its_reason(self) -> None:
+        from gateway.filters.reload import ReloadFailed
+
+        def reload() -> str:
+            raise ReloadFailed("filter lists kept its old data: /etc/mailgate/block.txt, line 3: ...")
+
+        answer = self.ask(self.factory(reload), command="reload")
+        self.assertFalse(answer["ok"])
+        self.assertIn("block.txt, line 3", answer["error"])  # type: ignore[operator]
+
+    def test_without_a_reload_the_gateway_says_so(self) -> None:
+        answer = self.ask(self.factory(), command="reload")
+        self.assertEqual(answer, {"ok": False, "error": "this gateway has nothing to reload"})
+
+
+def serve_once(path: str, reply: dict[str, object]) -> tuple[threading.Thread, list[dict[str, object]]]:
+    """A control socket that answers one request with `reply`, recording the request."""
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(1)
+    requests: list[dict[str, object]] = []
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        requests.append(json.loads(conn.makefile().readline()))
+        conn.sendall(json.dumps(reply).encode() + b"\n")
+        conn.close()
+        server.close()
+
+    thread = threading.Thread(target=answer)
+    thread.start()
+    return thread, requests
+
+
+def test_cli_reload_prints_what_the_gateway_reloaded(tmp_path: os.PathLike[str], capsys: object) -> None:
+    config = os.path.join(tmp_path, "m.toml")
+    with open(config, "w") as handle:
+        handle.write(f'[gateway]\nstate_dir = "{tmp_path}"\n')
+    thread, requests = serve_once(
+        os.path.join(tmp_path, "control.sock"), {"ok": True, "result": "reloaded lists"}
+    )
+    assert cli.main(["--config", config, "reload"]) == 0
+    thread.join()
+    assert requests == [{"command": "reload"}]
+    assert capsys.readouterr().out == "reloaded lists\n"  # type: ignore[attr-defined]
+
+
+def test_cli_reload_failure_is_one_line_and_status_1(tmp_path: os.PathLike[str], capsys: object) -> None:
+    config = os.path.join(tmp_path, "m.toml")
+    with open(config, "w") as handle:
+        handle.write(f'[gateway]\nstate_dir = "{tmp_path}"\n')
+    error = "filter lists kept its old data: /etc/block.txt, line 2: one entry per line, not 'a b'"
+    thread, _ = serve_once(os.path.join(tmp_path, "control.sock"), {"ok": False, "error": error})
+    assert cli.main(["--config", config, "reload"]) == 1
+    thread.join()
+    assert capsys.readouterr().err == f"mailgatectl: {error}\n"  # type: ignore[attr-defined]
