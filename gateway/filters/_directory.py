@@ -1,0 +1,176 @@
+"""Who our recipients are: the answers a recipient directory gives, and the static list.
+
+A directory answers `lookup(address)` with a `Lookup` (or a Deferred of one):
+the address is VALID, UNKNOWN (no such user), or UNVERIFIED (nobody can tell
+right now: the client should try again later). The "recipients" filter turns
+those into verdicts; this module knows nothing of SMTP replies.
+
+`RecipientList` is the static directory: addresses written inline in the config
+and in files. A file holds one entry per line: ``user@example.com`` for one
+address, ``@example.com`` for every address of a domain (that domain only, not
+its sub-domains). ``#`` starts a comment at the start of a line or after a
+blank (``#`` may appear in a local part). Addresses compare without regard to
+case; a domain in either form of an internationalised name. A bad line is a
+`ConfigError` naming the file and line: at start-up it stops the gateway, at a
+reload the old list is kept.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Iterable
+from typing import Protocol
+
+import attrs
+from twisted.internet.defer import Deferred
+
+from gateway.config import ConfigError
+
+
+class Answer(enum.Enum):
+    VALID = "valid"
+    UNKNOWN = "unknown"  # no such user: 550 5.1.1
+    UNVERIFIED = "unverified"  # nobody knows yet: 450 4.1.1, never a 5xx
+
+
+@attrs.frozen
+class Lookup:
+    """What a directory says about one address, and why (for the log, not the client)."""
+
+    answer: Answer
+    detail: str = ""
+
+
+class RecipientDirectory(Protocol):
+    """Where the "recipients" filter asks about an address."""
+
+    def lookup(self, address: str) -> Lookup | Deferred[Lookup]: ...
+
+    def reload(self) -> None: ...
+
+
+class AcceptAll:
+    """Every address of our domains is valid."""
+
+    def lookup(self, address: str) -> Lookup:
+        return Lookup(Answer.VALID, "accept-all")
+
+    def reload(self) -> None:
+        pass
+
+
+_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
+
+
+def domain_key(domain: str) -> str | None:
+    """A domain as the list compares it (lower case, ASCII form, no final dot); None if it is not one."""
+    domain = domain.lower().rstrip(".")
+    if not domain or len(domain) > 253:
+        return None
+    if not domain.isascii():
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+    if not all(_LABEL.match(label) for label in domain.split(".")):
+        return None
+    return domain
+
+
+def address_key(address: str) -> str:
+    """An address as the list and the callout cache compare it: lower case, domain in ASCII."""
+    local, _, domain = address.rpartition("@")
+    return f"{local.lower()}@{domain_key(domain) or domain.lower()}"
+
+
+@attrs.frozen
+class Entries:
+    """A parsed list: single addresses, and whole domains."""
+
+    addresses: frozenset[str] = frozenset()
+    domains: frozenset[str] = frozenset()
+
+    def __len__(self) -> int:
+        return len(self.addresses) + len(self.domains)
+
+
+def parse_entry(text: str) -> tuple[str, bool]:
+    """``user@example.com`` -> (address key, False); ``@example.com`` -> (domain, True).
+
+    Raises ValueError with a readable reason.
+    """
+    local, at, domain = text.rpartition("@")
+    key = domain_key(domain) if at else None
+    if key is None or any(c in local for c in '<>"\\ \t') or any(ord(c) < 32 for c in text):
+        raise ValueError(f"{text!r} is not an address or a domain (write user@example.com or @example.com)")
+    if not local:
+        return key, True
+    return f"{local.lower()}@{key}", False
+
+
+def strip_comment(line: str) -> str:
+    line = line.strip()
+    if line.startswith("#"):
+        return ""
+    return re.split(r"\s#", line, maxsplit=1)[0].strip()
+
+
+def read_file(path: str) -> list[tuple[str, int]]:
+    """The entries of a list file with their line numbers; ConfigError if it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except OSError as error:
+        raise ConfigError(path, "", f"cannot read the recipient list: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(path, "", f"the recipient list is not UTF-8 text (byte {error.start})") from None
+    entries = []
+    for number, raw in enumerate(lines, 1):
+        text = strip_comment(raw)
+        if not text:
+            continue
+        if len(text.split()) > 1:
+            raise ConfigError(path, "", f"one address per line, not {text!r}", number)
+        entries.append((text, number))
+    return entries
+
+
+class RecipientList:
+    """The static directory: inline entries plus files, re-read by `reload()`."""
+
+    def __init__(self, inline: Iterable[str] = (), files: Iterable[str] = (), source: str = "<config>"):
+        """`inline` entries must already be valid (`parse_entry`); `files` are read now."""
+        self.inline = tuple(inline)
+        self.files = tuple(files)
+        self.source = source
+        self.entries = self._load()
+
+    def _load(self) -> Entries:
+        addresses: set[str] = set()
+        domains: set[str] = set()
+
+        def add(key: str, domain: bool) -> None:
+            (domains if domain else addresses).add(key)
+
+        for text in self.inline:
+            add(*parse_entry(text))
+        for path in self.files:
+            for text, number in read_file(path):
+                try:
+                    add(*parse_entry(text))
+                except ValueError as error:
+                    raise ConfigError(path, "", str(error), number) from None
+        return Entries(frozenset(addresses), frozenset(domains))
+
+    def lookup(self, address: str) -> Lookup:
+        key = address_key(address)
+        if key in self.entries.addresses:
+            return Lookup(Answer.VALID, "listed")
+        if key.rpartition("@")[2] in self.entries.domains:
+            return Lookup(Answer.VALID, "domain listed")
+        return Lookup(Answer.UNKNOWN, "not in the recipient list")
+
+    def reload(self) -> None:
+        """Re-read the files; on a bad one raise ConfigError and keep the list as it was."""
+        self.entries = self._load()
