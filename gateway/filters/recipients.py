@@ -47,18 +47,19 @@ from gateway.model import CONTINUE, Action, Direction, Stage, Verdict
 log = Logger(namespace="mailgate.filter.recipients")
 
 MODES = ("callout", "static", "accept-all")
-_STATIC_KEYS = ("addresses", "files")
-_CALLOUT_KEYS = (
-    "server",
-    "connect_timeout",
-    "reply_timeout",
-    "wait",
-    "positive_ttl",
-    "negative_ttl",
-    "cache_size",
-    "concurrency",
-    "keep_open",
-)
+# every option but mode and catch_all, with its default; each belongs to one mode
+_STATIC: dict[str, Any] = {"addresses": (), "files": ()}
+_CALLOUT: dict[str, Any] = {
+    "server": "",
+    "connect_timeout": 5.0,
+    "reply_timeout": 10.0,
+    "wait": 8.0,
+    "positive_ttl": 86400.0,  # a day, where Postfix keeps a valid address 31 days
+    "negative_ttl": 3600.0,  # an hour: a user created now gets mail within the hour
+    "cache_size": 100_000,
+    "concurrency": 4,
+    "keep_open": 5.0,
+}
 
 
 class CalloutDirectory:
@@ -158,26 +159,22 @@ class Recipients:
 
     @classmethod
     def from_config(cls, options: Section, services: FilterServices) -> Recipients:
-        present = set(options.table)
         mode = options.choice("mode", MODES, "callout")
         catch_all = options.take("catch_all", str, "")
-        addresses = options.strings("addresses")
-        files = options.strings("files")
-        server_text = options.take("server", str, "")
-        connect_timeout = options.duration("connect_timeout", 5.0)
-        reply_timeout = options.duration("reply_timeout", 10.0)
-        wait = options.duration("wait", 8.0)
-        positive_ttl = options.duration("positive_ttl", 86400.0)
-        negative_ttl = options.duration("negative_ttl", 3600.0)
-        cache_size = options.positive("cache_size", 100_000)
-        concurrency = options.positive("concurrency", 4)
-        keep_open = options.duration("keep_open", 5.0)
-
-        for key in present:
-            if key in _STATIC_KEYS and mode != "static":
-                raise options.error(key, f'is only used with mode = "static" (mode is "{mode}")')
-            if key in _CALLOUT_KEYS and mode != "callout":
-                raise options.error(key, f'is only used with mode = "callout" (mode is "{mode}")')
+        values: dict[str, Any] = {
+            "addresses": options.strings("addresses"),
+            "files": options.strings("files"),
+            "server": options.take("server", str, ""),
+            "cache_size": options.positive("cache_size", _CALLOUT["cache_size"]),
+            "concurrency": options.positive("concurrency", _CALLOUT["concurrency"]),
+        }
+        for key in ("connect_timeout", "reply_timeout", "wait", "positive_ttl", "negative_ttl", "keep_open"):
+            values[key] = options.duration(key, _CALLOUT[key])
+        # an option of another mode, changed from its default, is a mistake worth saying
+        for keys, its_mode in ((_STATIC, "static"), (_CALLOUT, "callout")):
+            for key, default in keys.items():
+                if mode != its_mode and values[key] != default:
+                    raise options.error(key, f'is only used with mode = "{its_mode}" (mode is "{mode}")')
         if catch_all:
             _check_catch_all(options, catch_all, mode)
 
@@ -186,39 +183,41 @@ class Recipients:
         if mode == "accept-all":
             directory = AcceptAll()
         elif mode == "static":
-            directory = _static(options, addresses, files, config.source)
+            directory = _static(options, values["addresses"], values["files"], config.source)
         else:
-            server = _server(options, server_text) if server_text else None
-            if server is None:
-                _check_routes(options, services)
-            helo_name = services.hostname
-            clock = services.reactor
-            connect: Connector | None = None
-
-            def make_prober(target: CalloutServer) -> SmtpProber:
-                nonlocal connect
-                if connect is None:  # built on first use: checking a config needs no reactor
-                    connect = endpoint_connector(services.reactor, connect_timeout)
-                return SmtpProber(
-                    target,
-                    clock,
-                    connect,
-                    helo_name=helo_name,
-                    reply_timeout=reply_timeout,
-                    keep_open=keep_open,
-                    concurrency=concurrency,
-                )
-
-            directory = CalloutDirectory(
-                services,
-                make_prober,
-                server=server,
-                positive_ttl=positive_ttl,
-                negative_ttl=negative_ttl,
-                size=cache_size,
-                wait=wait,
-            )
+            directory = _callouts(options, services, values)
         return cls(directory, config.relay, catch_all)
+
+
+def _callouts(options: Section, services: FilterServices, values: dict[str, Any]) -> CalloutDirectory:
+    server = _server(options, values["server"]) if values["server"] else None
+    if server is None:
+        _check_routes(options, services)
+    connect: Connector | None = None
+
+    def make_prober(target: CalloutServer) -> SmtpProber:
+        nonlocal connect
+        if connect is None:  # built on first use: checking a config needs no reactor
+            connect = endpoint_connector(services.reactor, values["connect_timeout"])
+        return SmtpProber(
+            target,
+            services.reactor,
+            connect,
+            helo_name=services.hostname,
+            reply_timeout=values["reply_timeout"],
+            keep_open=values["keep_open"],
+            concurrency=values["concurrency"],
+        )
+
+    return CalloutDirectory(
+        services,
+        make_prober,
+        server=server,
+        positive_ttl=values["positive_ttl"],
+        negative_ttl=values["negative_ttl"],
+        size=values["cache_size"],
+        wait=values["wait"],
+    )
 
 
 def _check_catch_all(options: Section, catch_all: str, mode: str) -> None:
