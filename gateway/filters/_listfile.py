@@ -100,8 +100,9 @@ def domain_key(domain: str) -> str | None:
             domain = domain.encode("idna").decode("ascii")
         except UnicodeError:
             return None
-    if not all(_LABEL.match(label) for label in domain.split(".")):
-        return None
+    labels = domain.split(".")
+    if not all(_LABEL.match(label) for label in labels) or labels[-1].isdigit():
+        return None  # an all-numeric last label is an IP address, not a domain
     return domain
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
+from twisted.application.service import Service
 from twisted.logger import Logger
 
 from gateway.config import ConfigError
@@ -106,11 +107,12 @@ def signal_workers(workers: SmtpWorkers) -> int:
     return count
 
 
-def install_sighup(reactor: Any, reload: Callable[[], object]) -> None:
+def install_sighup(reactor: Any, reload: Callable[[], object]) -> Any:
     """Run `reload` in the reactor thread whenever the process gets SIGHUP.
 
     The handler only schedules the reload (callFromThread is safe from a signal
     handler); errors are logged by the reload, never raised into the reactor.
+    Returns the handler that was there before.
     """
 
     def run() -> None:
@@ -123,4 +125,23 @@ def install_sighup(reactor: Any, reload: Callable[[], object]) -> None:
     def handler(signum: int, frame: object) -> None:
         reactor.callFromThread(run)
 
-    signal.signal(signal.SIGHUP, handler)
+    return signal.signal(signal.SIGHUP, handler)
+
+
+class SighupReload(Service):
+    """Reloads on SIGHUP while the gateway runs (the handler goes when it stops)."""
+
+    def __init__(self, reactor: Any, reload: Callable[[], object]) -> None:
+        self.reactor = reactor
+        self.reload = reload
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._previous = install_sighup(self.reactor, self.reload)
+
+    def stopService(self) -> None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None

@@ -297,7 +297,7 @@ def test_a_bad_inline_entry_names_the_key_and_line(key: str, value: str, problem
     assert problem in message
 
 
-@given(st.from_regex(r"[a-z0-9]{1,10}(\.[a-z0-9]{1,10}){0,4}", fullmatch=True))
+@given(st.from_regex(r"([a-z0-9]{1,10}\.){0,4}[a-z][a-z0-9]{0,9}", fullmatch=True))
 def test_a_domain_entry_matches_itself_and_its_sub_domains(domain: str) -> None:
     assert parse_pattern(f"@{domain}") == parse_pattern(domain)
     lists = Lists({(Kind.SENDERS, False): (f"@{domain}",)})
@@ -437,3 +437,9 @@ def test_the_fragment_documents_every_option_at_its_default() -> None:
     assert set(table) == keys | {f"{key}_files" for key in keys}
     assert all(value == [] for value in table.values())
     assert lists_from(text.partition("\n")[2]).tables.entries == 0
+
+
+def test_an_ip_address_is_not_a_sender_domain() -> None:
+    # an IP address written in a senders' list is a mistake, not a domain "192.0.2.1"
+    with pytest.raises(configuration.ConfigError, match="'192.0.2.1' is not an address or a domain"):
+        lists_from('block_senders = ["192.0.2.1"]')

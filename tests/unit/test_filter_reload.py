@@ -18,7 +18,7 @@ from gateway.filters import Request
 from gateway.filters._listfile import Kind
 from gateway.filters.chain import ChainRunner, Link
 from gateway.filters.lists import Lists
-from gateway.filters.reload import ReloadFailed, install_sighup, reload_filters, reloader
+from gateway.filters.reload import ReloadFailed, SighupReload, install_sighup, reload_filters, reloader
 from gateway.filters.testing import StaticFilter
 from gateway.interfaces import IReloadable
 from gateway.model import Action, Direction, Envelope, Session, Stage
@@ -192,3 +192,20 @@ def test_config_error_is_what_lists_reload_raises(tmp_path: Path) -> None:
     path.write_text("x y\n")
     with pytest.raises(ConfigError):
         lists.reload()
+
+
+def test_sighup_service_reloads_while_running_and_restores_the_old_handler(restore_sighup: Any) -> None:
+    def before(signum: int, frame: object) -> None:
+        raise AssertionError("the old handler must not run while the service runs")
+
+    signal.signal(signal.SIGHUP, before)
+    reactor = ThreadCalls()
+    reloads: list[int] = []
+    service = SighupReload(reactor, lambda: str(reloads.append(1)))
+    service.startService()
+    os.kill(os.getpid(), signal.SIGHUP)
+    with capturedLogs():
+        reactor.run()
+    assert reloads == [1]
+    service.stopService()
+    assert signal.getsignal(signal.SIGHUP) is before
