@@ -1,0 +1,201 @@
+"""The anvil's table: counts per client in one-second buckets, bounded in memory.
+
+`gateway.filters.anvil` puts it behind a Deferred API, in this process or on a
+UNIX socket for the SMTP workers; this module only counts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict, deque
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+
+HORIZON = 3600.0  # seconds: the longest window the anvil remembers events for
+MAX_CLIENTS = 100_000
+SWEEP_INTERVAL = 60.0
+
+
+@attrs.frozen
+class ClientCounts:
+    """What the anvil knows about a client when it connects (this connection included)."""
+
+    concurrent: int  # the client's sessions open now
+    sessions: int  # everyone's sessions open now
+    rate: int  # the client's connections in the rate window
+    errors: int  # errors in the client's sessions that ended in the error window
+    commands: int  # commands in those sessions
+
+
+@attrs.frozen
+class AuthState:
+    """A client's recent AUTH failures, and whether it is locked out."""
+
+    failures: int  # in the window asked about
+    locked_for: float = 0.0  # seconds of lockout left; 0 when not locked out
+
+
+class _Client:
+    """One client's counts. Buckets are [second, n] (or [second, errors, commands])."""
+
+    __slots__ = ("auth_failures", "concurrent", "connects", "locked_until", "sessions")
+
+    def __init__(self) -> None:
+        self.concurrent = 0
+        self.connects: deque[list[int]] = deque()
+        self.sessions: deque[list[int]] = deque()
+        self.auth_failures: deque[list[int]] = deque()
+        self.locked_until = 0.0
+
+
+def _add(buckets: deque[list[int]], second: int, *amounts: int) -> None:
+    if buckets and buckets[-1][0] == second:
+        last = buckets[-1]
+        for index, amount in enumerate(amounts, 1):
+            last[index] += amount
+    else:
+        buckets.append([second, *amounts])
+
+
+def _trim(buckets: deque[list[int]], oldest: float) -> None:
+    while buckets and buckets[0][0] < oldest:
+        buckets.popleft()
+
+
+def _sum(buckets: deque[list[int]], oldest: float, column: int = 1) -> int:
+    total = 0
+    for bucket in reversed(buckets):  # newest last: walk back to the window's start
+        if bucket[0] < oldest:
+            break
+        total += bucket[column]
+    return total
+
+
+class AnvilTable:
+    """The counts themselves, answered at once.
+
+    Times come from `clock` and go into one-second buckets: an event counts in a
+    window of W seconds while its second is no older than W, so it may be
+    forgotten up to a second early, never kept late. Events are kept as long as
+    the longest window asked for (at most `HORIZON`); clients nothing is
+    remembered about are dropped once a minute; at most `max_clients` are kept
+    (when full, the least recently seen one without open sessions goes).
+    """
+
+    def __init__(self, clock: IReactorTime, *, max_clients: int = MAX_CLIENTS) -> None:
+        self.clock = clock
+        self.max_clients = max_clients
+        self.clients: OrderedDict[str, _Client] = OrderedDict()  # least recently seen first
+        self.sessions = 0
+        # how long each kind of event must be kept: the longest window asked for
+        self._keep = {"connects": 0.0, "sessions": 0.0, "auth_failures": 0.0}
+        self._last_sweep = clock.seconds()
+
+    # --- the questions -------------------------------------------------------------
+
+    def connect(self, client: str, rate_window: float, error_window: float) -> ClientCounts:
+        """Count a new session of `client`; its counts, this session included."""
+        now = self._now()
+        rate_window = self._window("connects", rate_window)
+        error_window = self._window("sessions", error_window)
+        entry = self._entry(client)
+        entry.concurrent += 1
+        self.sessions += 1
+        _add(entry.connects, int(now), 1)
+        return ClientCounts(
+            concurrent=entry.concurrent,
+            sessions=self.sessions,
+            rate=_sum(entry.connects, now - rate_window),
+            errors=_sum(entry.sessions, now - error_window, 1),
+            commands=_sum(entry.sessions, now - error_window, 2),
+        )
+
+    def disconnect(self, client: str, errors: int, commands: int, *, release: bool = True) -> None:
+        """A session ended; `release` False records its numbers without counting it down."""
+        now = self._now()
+        if release:
+            self.release(client, 1)
+        if errors > 0 or commands > 0:
+            _add(self._entry(client).sessions, int(now), max(errors, 0), max(commands, 0))
+
+    def release(self, client: str, count: int) -> None:
+        """Count down `count` open sessions of `client` (never below zero)."""
+        entry = self.clients.get(client)
+        if entry is None:
+            return
+        released = min(count, entry.concurrent)
+        entry.concurrent -= released
+        self.sessions -= released
+
+    def auth_status(self, client: str, window: float) -> AuthState:
+        now = self._now()
+        window = self._window("auth_failures", window)
+        entry = self.clients.get(client)
+        if entry is None:
+            return AuthState(0)
+        return AuthState(_sum(entry.auth_failures, now - window), max(entry.locked_until - now, 0.0))
+
+    def auth_failed(self, client: str, window: float, limit: int, lockout: float) -> AuthState:
+        """Count an AUTH failure; the `limit`-th in `window` locks the client out for `lockout`."""
+        now = self._now()
+        window = self._window("auth_failures", window)
+        entry = self._entry(client)
+        _add(entry.auth_failures, int(now), 1)
+        failures = _sum(entry.auth_failures, now - window)
+        if limit > 0 and failures >= limit:
+            entry.locked_until = max(entry.locked_until, now + lockout)
+        return AuthState(failures, max(entry.locked_until - now, 0.0))
+
+    # --- bookkeeping ---------------------------------------------------------------
+
+    def _now(self) -> float:
+        now = self.clock.seconds()
+        if now - self._last_sweep >= SWEEP_INTERVAL:
+            self._last_sweep = now
+            self.sweep(now)
+        return now
+
+    def _window(self, kind: str, window: float) -> float:
+        window = min(max(window, 0.0), HORIZON)
+        if window > self._keep[kind]:
+            self._keep[kind] = window
+        return window
+
+    def _entry(self, client: str) -> _Client:
+        entry = self.clients.get(client)
+        if entry is None:
+            if len(self.clients) >= self.max_clients:
+                self._evict()
+            entry = self.clients[client] = _Client()
+        else:
+            self.clients.move_to_end(client)
+        return entry
+
+    def _idle(self, entry: _Client, now: float) -> bool:
+        _trim(entry.connects, math.floor(now - self._keep["connects"]))
+        _trim(entry.sessions, math.floor(now - self._keep["sessions"]))
+        _trim(entry.auth_failures, math.floor(now - self._keep["auth_failures"]))
+        return (
+            entry.concurrent == 0
+            and entry.locked_until <= now
+            and not (entry.connects or entry.sessions or entry.auth_failures)
+        )
+
+    def sweep(self, now: float | None = None) -> None:
+        """Drop the clients nothing is remembered about any more."""
+        now = self.clock.seconds() if now is None else now
+        for client in [c for c, entry in self.clients.items() if self._idle(entry, now)]:
+            del self.clients[client]
+
+    def _evict(self) -> None:
+        self.sweep()
+        if len(self.clients) < self.max_clients:
+            return
+        # full of remembered clients: forget the least recently seen one with no session open
+        victim = next((c for c, entry in self.clients.items() if entry.concurrent == 0), None)
+        if victim is not None:
+            del self.clients[victim]
+        else:  # every one has a session open: forget the oldest, and its count with it
+            _, entry = self.clients.popitem(last=False)
+            self.sessions -= entry.concurrent
