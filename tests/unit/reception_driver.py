@@ -54,10 +54,21 @@ def config(filters: str) -> Config:
 class Driver:
     """One gateway's reception: send mail through it and look at what the spool got."""
 
-    def __init__(self, filters: str, *, appended: dict[Direction, tuple[Any, ...]] | None = None) -> None:
-        self.clock = Clock()
-        self.clock.advance(1_700_000_000)
-        self.store = MemoryStore(self.clock)
+    def __init__(
+        self,
+        filters: str,
+        *,
+        appended: dict[Direction, tuple[Any, ...]] | None = None,
+        store: MemoryStore | None = None,
+    ) -> None:
+        """`store`: another Driver's, for two processes of one gateway (they share its clock)."""
+        if store is None:
+            self.clock = Clock()
+            self.clock.advance(1_700_000_000)
+            self.store = MemoryStore(self.clock)
+        else:
+            self.clock = store.clock  # type: ignore[assignment]
+            self.store = store
         self.config = config(filters)
         self.services = FilterServices(self.config, self.clock, store=self.store)
         runner = build_runner(self.config, self.services)
