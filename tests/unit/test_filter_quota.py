@@ -94,7 +94,7 @@ def test_past_the_recipient_quota_mail_is_held(alerts: list[str]) -> None:
     gateway = driver("recipients = 5")
     send(gateway, recipients=("a@x.test", "b@x.test", "c@x.test"))
     # 3 sent + 2 in this envelope: still within; the third of this envelope is one too many
-    mail, rcpts, end = send(gateway, recipients=("d@x.test", "e@x.test", "f@x.test"))
+    _mail, rcpts, end = send(gateway, recipients=("d@x.test", "e@x.test", "f@x.test"))
     assert rcpts == [None, None, None] and end is not None and end.code == 250
     assert gateway.states() == ["incoming", "hold"]
     assert alerts == [
