@@ -737,3 +737,27 @@ def test_relative_files_outside_a_config_file_are_relative_to_the_working_direct
     recipients = build('mode = "static"\nfiles = ["users.txt"]\n', source="<embedded>")
     assert result_of(recipients.check(rcpt("alice@example.com"))).action is Action.CONTINUE
     assert os.getcwd() == str(tmp_path)
+
+
+def test_utf8_addresses_are_asked_with_smtputf8_or_left_to_delivery() -> None:
+    callouts = Callouts()
+    found = callouts.prober.probe("jörg@example.com")
+    wire = callouts.greet(b"250-exchange.example.com\r\n250-PIPELINING\r\n250 SMTPUTF8\r\n")
+    assert wire.said() == "MAIL FROM:<> SMTPUTF8\r\nRCPT TO:<jörg@example.com>\r\n".encode()
+    wire.answer(b"250 2.1.0 Ok\r\n550 5.1.1 unknown\r\n")
+    assert result_of(found).answer is Answer.UNKNOWN
+    # a server without SMTPUTF8 cannot take the mail at all: not refused here, delivery says why
+    callouts = Callouts(keep_open=0)
+    found = callouts.prober.probe("jörg@example.com")
+    wire = callouts.greet()
+    assert wire.said() == b"QUIT\r\n"
+    lookup = result_of(found)
+    assert lookup.answer is Answer.VALID and "does not offer SMTPUTF8" in lookup.detail
+
+
+def test_a_domain_whose_route_has_no_server_is_not_verified() -> None:
+    clock, prober = Clock(), ScriptedProber()
+    recipients, _ = callout_filter(clock, prober)
+    # *.example.net is ours, but its mail leaves by "mx": there is nobody to ask
+    assert result_of(recipients.check(rcpt("anyone@sub.example.net"))).action is Action.CONTINUE
+    assert prober.asked == []
