@@ -1,0 +1,387 @@
+"""Asking name servers: one question, one answer, over UDP (over TCP when truncated).
+
+The wire side of `gateway.filters.dns`. dnspython builds and parses the
+messages; Twisted carries them, so nothing here blocks or needs a thread:
+a thousand questions in flight are a thousand small objects and a few sockets.
+
+- Questions go out from a small pool of UDP sockets per address family, each
+  bound to a random port by the kernel and retired after a number of uses; each
+  question has a random 16-bit id. An answer is taken only from the server the
+  question went to, with the id and the question it was asked with
+  (`Message.is_response`), so a spoofer must guess port, id and name at once.
+- A question is retransmitted with a doubling interval, turning to the next
+  name server each time, until the deadline: then it fails with
+  `DnsTemporaryError`.
+- SERVFAIL, REFUSED and the like from one server send the question to the next
+  one at once; when every server has refused, the question fails.
+- A truncated answer is asked again over TCP; a FORMERR to an EDNS question is
+  asked again without EDNS (old DNSBL servers).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdatatype
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.protocol import ClientFactory, DatagramProtocol, Protocol
+from twisted.python.failure import Failure
+
+from gateway.delivery.resolver import DnsTemporaryError
+
+Server = tuple[str, int]  # (ip, port)
+
+EDNS_PAYLOAD = 1232  # the DNS flag day 2020 size: no IP fragmentation
+SOCKETS_PER_FAMILY = 8
+USES_PER_SOCKET = 2000  # then the socket is closed and a new random port taken
+FIRST_RETRY = 1.0  # seconds before the first retransmission; it doubles
+
+
+def parse_nameserver(text: str) -> Server:
+    """ "192.0.2.53", "127.0.0.1:5353", "2001:db8::53" or "[::1]:5353" -> (ip, port)."""
+    host, port = text.strip(), 53
+    if host.startswith("["):
+        host, _, rest = host[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"{text!r} is not a name server address")
+            port = int(rest[1:])
+    elif host.count(":") == 1:
+        host, _, number = host.partition(":")
+        port = int(number)
+    ipaddress.ip_address(host)  # ValueError for a host name: we need no DNS to find DNS
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} out of range")
+    return host, port
+
+
+def _family(server: Server) -> int:
+    return ipaddress.ip_address(server[0]).version
+
+
+class _Socket(DatagramProtocol):
+    """One UDP socket of the pool: the questions that went out on it, by id."""
+
+    def __init__(self, querier: DnsQuerier, family: int) -> None:
+        self.querier = querier
+        self.family = family
+        self.pending: dict[int, _Question] = {}
+        self.uses = 0
+        self.port: Any = None  # IListeningPort
+
+    def allocate(self, question: _Question) -> int:
+        while True:
+            query_id = secrets.randbelow(65536)
+            if query_id not in self.pending:
+                self.pending[query_id] = question
+                self.uses += 1
+                return query_id
+
+    def release(self, query_id: int) -> None:
+        self.pending.pop(query_id, None)
+        if not self.pending and self.uses >= USES_PER_SOCKET:
+            self.querier._retire(self)
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        if len(datagram) < 12:
+            return
+        (query_id,) = struct.unpack("!H", datagram[:2])
+        question = self.pending.get(query_id)
+        if question is not None:
+            question.received(self, query_id, datagram, (addr[0], addr[1]))
+
+
+class _TcpAnswer(Protocol):
+    """One question over TCP: length-prefixed out, length-prefixed back."""
+
+    def __init__(self, wire: bytes, answered: Deferred[bytes]) -> None:
+        self.wire = wire
+        self.answered = answered
+        self.buffer = b""
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(struct.pack("!H", len(self.wire)) + self.wire)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        if len(self.buffer) >= 2:
+            (size,) = struct.unpack("!H", self.buffer[:2])
+            if len(self.buffer) >= 2 + size and not self.answered.called:
+                assert self.transport is not None
+                self.answered.callback(self.buffer[2 : 2 + size])
+                self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if not self.answered.called:
+            self.answered.errback(reason if reason is not None else ConnectionError("closed"))
+
+
+class _TcpFactory(ClientFactory):
+    def __init__(self, wire: bytes, answered: Deferred[bytes]) -> None:
+        self.wire = wire
+        self.answered = answered
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return _TcpAnswer(self.wire, self.answered)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        if not self.answered.called:
+            self.answered.errback(reason)
+
+
+class _Question:
+    """One question in flight: its sends, retransmissions, deadline and answer."""
+
+    def __init__(self, querier: DnsQuerier, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> None:
+        self.querier = querier
+        self.qname = qname
+        self.rdtype = rdtype
+        self.result: Deferred[dns.message.Message] = Deferred()
+        self.servers = querier.nameservers
+        self.turn = secrets.randbelow(len(self.servers))  # spread the load over the servers
+        self.failed: set[Server] = set()
+        self.no_edns: set[Server] = set()
+        self.sent: dict[tuple[_Socket, int], tuple[Server, dns.message.Message]] = {}
+        self.interval = min(FIRST_RETRY, querier.timeout / 3)
+        clock = querier.clock
+        self.deadline = clock.callLater(querier.timeout, self._timed_out)
+        self.retry: Any = None  # IDelayedCall
+        self.tcp = False
+
+    def describe(self) -> str:
+        return f"{self.qname.to_text(omit_final_dot=True)}/{dns.rdatatype.to_text(self.rdtype)}"
+
+    # -- sending ----------------------------------------------------------------------------
+
+    def send_next(self) -> None:
+        """Ask the next server that has not refused; retransmit later unless answered."""
+        if self.result.called or self.tcp:
+            return
+        candidates = [s for s in self.servers if s not in self.failed]
+        if not candidates:
+            self._finish(DnsTemporaryError(f"{self.describe()}: every name server refused or failed"))
+            return
+        server = candidates[self.turn % len(candidates)]
+        self.turn += 1
+        self._send(server)
+        if self.retry is not None and self.retry.active():
+            self.retry.cancel()
+        self.retry = self.querier.clock.callLater(self.interval, self.send_next)
+        self.interval *= 2
+
+    def _send(self, server: Server) -> None:
+        try:
+            sock = self.querier._socket(_family(server))
+        except Exception as error:  # no IPv6 here, out of file descriptors: that server is unusable
+            self.failed.add(server)
+            self.querier.log_problem(f"cannot open a UDP socket for {server[0]}: {error}")
+            self.querier.clock.callLater(0, self.send_next)
+            return
+        query_id = sock.allocate(self)
+        query = self._message(server, query_id)
+        self.sent[sock, query_id] = (server, query)
+        try:
+            sock.transport.write(query.to_wire(), server)  # type: ignore[union-attr]
+        except OSError as error:
+            sock.release(query_id)
+            del self.sent[sock, query_id]
+            self.failed.add(server)
+            self.querier.log_problem(f"cannot send to {server[0]}:{server[1]}: {error}")
+            self.querier.clock.callLater(0, self.send_next)
+
+    def _message(self, server: Server, query_id: int) -> dns.message.Message:
+        use_edns = -1 if server in self.no_edns else 0
+        query = dns.message.make_query(self.qname, self.rdtype, use_edns=use_edns, payload=EDNS_PAYLOAD)
+        query.id = query_id
+        return query
+
+    # -- answers ----------------------------------------------------------------------------
+
+    def received(self, sock: _Socket, query_id: int, datagram: bytes, addr: Server) -> None:
+        sent = self.sent.get((sock, query_id))
+        if sent is None or not _same_server(sent[0], addr):
+            return  # not from the server we asked: ignore, as a spoofed answer would be
+        server, query = sent
+        try:
+            response = dns.message.from_wire(datagram)
+        except (dns.exception.DNSException, ValueError, UnicodeError):
+            return  # garbage: wait for a real answer or the deadline
+        if not query.is_response(response):
+            return
+        sock.release(query_id)
+        del self.sent[sock, query_id]
+        if response.flags & dns.flags.TC:
+            self._ask_over_tcp(server, query)
+            return
+        self.answered(server, query, response)
+
+    def answered(self, server: Server, query: dns.message.Message, response: dns.message.Message) -> None:
+        rcode = response.rcode()
+        if rcode in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+            self._finish(response)
+        elif rcode == dns.rcode.FORMERR and query.edns >= 0 and server not in self.no_edns:
+            self.no_edns.add(server)  # an old server that does not know EDNS
+            self._send(server)
+        else:
+            self.failed.add(server)
+            self.querier.log_problem(
+                f"{server[0]}:{server[1]} answered {dns.rcode.to_text(rcode)} for {self.describe()}"
+            )
+            if self.tcp:
+                self.tcp = False
+            self.send_next()
+
+    def _ask_over_tcp(self, server: Server, query: dns.message.Message) -> None:
+        self.tcp = True
+        if self.retry is not None and self.retry.active():
+            self.retry.cancel()
+        answered: Deferred[bytes] = Deferred()
+        remaining = max(1.0, self.deadline.getTime() - self.querier.clock.seconds())
+        self.querier.reactor.connectTCP(
+            server[0], server[1], _TcpFactory(query.to_wire(), answered), remaining
+        )
+
+        def parsed(wire: bytes) -> None:
+            if self.result.called:
+                return
+            try:
+                response = dns.message.from_wire(wire)
+            except (dns.exception.DNSException, ValueError, UnicodeError) as error:
+                failed(str(error))
+                return
+            if not query.is_response(response):
+                failed("the answer does not match the question")
+                return
+            self.answered(server, query, response)
+
+        def failed(problem: str) -> None:
+            if self.result.called:
+                return
+            self.tcp = False
+            self.failed.add(server)
+            self.querier.log_problem(
+                f"TCP to {server[0]}:{server[1]} for {self.describe()} failed: {problem}"
+            )
+            self.send_next()
+
+        answered.addCallbacks(parsed, lambda failure: failed(failure.getErrorMessage()))
+
+    def _timed_out(self) -> None:
+        servers = ", ".join(f"{host}:{port}" for host, port in self.servers)
+        self._finish(
+            DnsTemporaryError(
+                f"{self.describe()}: no answer within {self.querier.timeout:g} s from {servers}"
+            )
+        )
+
+    def cancel(self, reason: str) -> None:
+        self._finish(DnsTemporaryError(f"{self.describe()}: {reason}"))
+
+    def _finish(self, outcome: dns.message.Message | Exception) -> None:
+        if self.result.called:
+            return
+        for sock, query_id in list(self.sent):
+            sock.release(query_id)
+        self.sent.clear()
+        for call in (self.retry, self.deadline):
+            if call is not None and call.active():
+                call.cancel()
+        self.querier._done(self)
+        if isinstance(outcome, Exception):
+            self.result.errback(outcome)
+        else:
+            self.result.callback(outcome)
+
+
+def _same_server(expected: Server, got: Server) -> bool:
+    if expected[1] != got[1]:
+        return False
+    try:
+        return ipaddress.ip_address(expected[0]) == ipaddress.ip_address(got[0].split("%")[0])
+    except ValueError:
+        return False
+
+
+class DnsQuerier:
+    """Sends questions to the configured name servers; see the module docstring.
+
+    `reactor` provides UDP, TCP and time (tests give a fake with a Clock).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        nameservers: Sequence[Server],
+        timeout: float = 5.0,
+        *,
+        log_problem: Any = None,
+    ) -> None:
+        if not nameservers:
+            raise ValueError("no name servers")
+        self.reactor = reactor
+        self.clock = reactor
+        self.nameservers = tuple(nameservers)
+        self.timeout = timeout
+        self.log_problem = log_problem or (lambda text: None)
+        self.sockets: dict[int, list[_Socket]] = {4: [], 6: []}
+        self.retired: list[_Socket] = []
+        self.in_flight: set[_Question] = set()
+
+    def query(self, name: str | dns.name.Name, rdtype: str | int) -> Deferred[dns.message.Message]:
+        """The name servers' answer (NOERROR or NXDOMAIN); `DnsTemporaryError` otherwise."""
+        qname = name if isinstance(name, dns.name.Name) else dns.name.from_text(name)
+        question = _Question(self, qname, dns.rdatatype.RdataType.make(rdtype))
+        self.in_flight.add(question)
+        question.send_next()
+        return question.result
+
+    def _socket(self, family: int) -> _Socket:
+        pool = self.sockets[family]
+        if len(pool) < SOCKETS_PER_FAMILY:
+            sock = _Socket(self, family)
+            interface = "::" if family == 6 else "0.0.0.0"
+            sock.port = self.reactor.listenUDP(0, sock, interface=interface)
+            pool.append(sock)
+            return sock
+        sock = pool[secrets.randbelow(len(pool))]
+        if sock.uses + 1 >= USES_PER_SOCKET:
+            pool.remove(sock)  # this is its last question; closed once its last answer is in
+            self.retired.append(sock)
+        return sock
+
+    def _retire(self, sock: _Socket) -> None:
+        if sock in self.sockets[sock.family]:
+            return  # still in the pool: it gets more questions
+        if sock in self.retired:
+            self.retired.remove(sock)
+            sock.port.stopListening()
+
+    def _done(self, question: _Question) -> None:
+        self.in_flight.discard(question)
+
+    @property
+    def open_sockets(self) -> int:
+        return sum(len(pool) for pool in self.sockets.values()) + len(self.retired)
+
+    def close(self) -> Deferred[Any]:
+        """Fail what is in flight and close every socket (service stop, tests)."""
+        for question in list(self.in_flight):
+            question.cancel("the resolver is shutting down")
+        stopping = []
+        for sock in [*self.sockets[4], *self.sockets[6], *self.retired]:
+            result = sock.port.stopListening()
+            if isinstance(result, Deferred):
+                stopping.append(result)
+        self.sockets = {4: [], 6: []}
+        self.retired = []
+        return DeferredList(stopping)

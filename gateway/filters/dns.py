@@ -1,0 +1,368 @@
+"""Asynchronous DNS for filters: addresses, TXT, PTR, MX, and the A lookups of DNSBLs.
+
+`DnsLookups` is what `FilterServices.dns` gives filters. Every method returns a
+Deferred and nothing blocks or waits on a thread: a session waiting on a slow
+DNSBL costs one small object, and a thousand of them wait side by side.
+
+Why dnspython messages over Twisted UDP (`gateway.filters._dnsquery`) rather
+than twisted.names' `client.Resolver`: the latter opens a new UDP socket for
+every query (a thousand lookups in flight are a thousand file descriptors),
+its cache has no size bound and no negative caching, and its errors are its
+own. dnspython, which delivery already uses, builds and parses the messages
+(TTLs, the SOA of a negative answer, CNAME chains); a small querier of our own
+carries them on a few sockets with random ports and ids, retransmits, and
+turns to TCP for a truncated answer.
+
+Rules shared with the fake (`StaticDnsLookups`), checked by the same contract
+tests (tests/unit/test_filter_dns.py):
+
+- NXDOMAIN -> `NoSuchDomain`; SERVFAIL, REFUSED, timeouts -> `DnsTemporaryError`
+  (both from `gateway.delivery.resolver`); a name that exists without the
+  record type (NODATA) -> an empty list. `a()` is the DNSBL lookup: there
+  NXDOMAIN and NODATA both mean "not listed", an empty list.
+- `mx()` is sorted by preference; a lone MX "." -> `NullMX` (RFC 7505).
+- `addresses()` gives the A records, then the AAAA ones.
+- Names are compared without case and without a trailing dot; a string that is
+  no DNS name (an empty label, a label over 63 octets) does not exist.
+
+Answers are cached by their TTL in a bounded LRU; negative ones (NXDOMAIN,
+NODATA) by their SOA's minimum, or `negative_ttl` when there is no SOA;
+temporary failures are not cached. Concurrent lookups of one name and type
+share one question.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+import dns.exception
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.resolver
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from gateway.config import ConfigError, DnsConfig
+from gateway.delivery.resolver import DnsTemporaryError, NoSuchDomain, NullMX, mx_answer
+from gateway.filters._dnsquery import DnsQuerier, Server, parse_nameserver
+
+__all__ = [
+    "DnsLookups",
+    "DnsTemporaryError",
+    "Lookups",
+    "NoSuchDomain",
+    "NullMX",
+    "StaticDnsLookups",
+    "reverse_name",
+]
+
+log = Logger(namespace="mailgate.dns")
+
+CACHE_SIZE = 10_000
+NEGATIVE_TTL = 60.0  # a negative answer without SOA (rbldnsd without $SOA)
+MAX_TTL = 86_400.0
+MAX_NEGATIVE_TTL = 3 * 3600.0  # RFC 2308 section 5
+_CNAME_HOPS = 8
+
+
+@attrs.frozen
+class _Answer:
+    """What a name server said about (name, type): the values, or that the name does not exist."""
+
+    values: tuple[Any, ...] = ()
+    exists: bool = True
+
+
+_NOT_FOUND = _Answer((), exists=False)
+
+
+def normal_name(name: str) -> str:
+    """The cache key form of a name: lower case, no trailing dot."""
+    return name.strip().rstrip(".").lower()
+
+
+def _qname(name: str) -> dns.name.Name | None:
+    """The DNS name, or None when `name` cannot be one (then it does not exist)."""
+    if not name or len(name) > 253:
+        return None
+    try:
+        return dns.name.from_text(name)
+    except (dns.exception.DNSException, UnicodeError, ValueError):
+        return None
+
+
+def reverse_name(address: str) -> str:
+    """The PTR name of an IP address: "7.2.0.192.in-addr.arpa", nibbles under ip6.arpa."""
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.reverse_pointer
+
+
+def _value(rdtype: str, rdata: Any) -> Any:
+    if rdtype in ("A", "AAAA"):
+        return str(rdata.address)
+    if rdtype == "TXT":
+        return "".join(part.decode("utf-8", "replace") for part in rdata.strings)
+    if rdtype == "PTR":
+        return normal_name(rdata.target.to_text())
+    if rdtype == "MX":
+        return (int(rdata.preference), normal_name(rdata.exchange.to_text()))
+    raise ValueError(f"unsupported record type {rdtype}")
+
+
+def interpret(
+    response: dns.message.Message, qname: dns.name.Name, rdtype: str, negative_ttl: float = NEGATIVE_TTL
+) -> tuple[_Answer, float]:
+    """(answer, seconds it may be cached) from a NOERROR or NXDOMAIN response."""
+    if response.rcode() == dns.rcode.NXDOMAIN:
+        return _NOT_FOUND, _negative_ttl(response, negative_ttl)
+    wanted = dns.rdatatype.from_text(rdtype)
+    name = qname
+    ttls: list[float] = []
+    for _ in range(_CNAME_HOPS):
+        rrset = response.get_rrset(response.answer, name, dns.rdataclass.IN, wanted)
+        if rrset is not None:
+            ttls.append(rrset.ttl)
+            return _Answer(tuple(_value(rdtype, rdata) for rdata in rrset)), min(min(ttls), MAX_TTL)
+        alias = response.get_rrset(response.answer, name, dns.rdataclass.IN, dns.rdatatype.CNAME)
+        if alias is None:
+            break
+        ttls.append(alias.ttl)
+        name = alias[0].target
+    return _Answer(), _negative_ttl(response, negative_ttl)
+
+
+def _negative_ttl(response: dns.message.Message, default: float) -> float:
+    for rrset in response.authority:
+        if rrset.rdtype == dns.rdatatype.SOA:
+            return float(min(rrset.ttl, rrset[0].minimum, MAX_NEGATIVE_TTL))
+    return default
+
+
+def system_nameservers() -> list[Server]:
+    """The name servers of /etc/resolv.conf (127.0.0.1 when it has none, as the C library does)."""
+    try:
+        resolver = dns.resolver.Resolver(configure=True)
+    except dns.resolver.NoResolverConfiguration:
+        return [("127.0.0.1", 53)]
+    found = []
+    for text in resolver.nameservers:
+        try:
+            found.append(parse_nameserver(str(text)))
+        except ValueError:
+            continue  # a DNS-over-HTTPS URL and the like: not for us
+    return found or [("127.0.0.1", 53)]
+
+
+class Lookups:
+    """The public methods, written once over `_lookup` (real and fake differ only there)."""
+
+    def _lookup(self, name: str, rdtype: str) -> Deferred[_Answer]:
+        raise NotImplementedError
+
+    def a(self, name: str) -> Deferred[list[str]]:
+        """The A records of a DNSBL name; [] when it does not exist or has none (not listed)."""
+        return self._lookup(name, "A").addCallback(lambda answer: list(answer.values))
+
+    def addresses(self, name: str) -> Deferred[list[str]]:
+        """A then AAAA records; NoSuchDomain, DnsTemporaryError (only when neither answered)."""
+        both = DeferredList([self._lookup(name, "A"), self._lookup(name, "AAAA")], consumeErrors=True)
+
+        def combine(results: list[tuple[bool, Any]]) -> list[str]:
+            found: list[str] = []
+            problem: Failure | None = None
+            for success, answer in results:
+                if not success:
+                    problem = answer
+                elif not answer.exists:
+                    raise NoSuchDomain(f"{name}: no such domain")
+                else:
+                    found.extend(answer.values)
+            if not found and problem is not None:
+                problem.raiseException()
+            return found
+
+        return both.addCallback(combine)
+
+    def txt(self, name: str) -> Deferred[list[str]]:
+        """The TXT strings of a name (each record's strings joined)."""
+        return self._lookup(name, "TXT").addCallback(_existing, name)
+
+    def ptr(self, address: str) -> Deferred[list[str]]:
+        """The names an IP address's PTR records give (lower case, no trailing dot)."""
+        try:
+            name = reverse_name(address)
+        except ValueError:
+            return fail(NoSuchDomain(f"{address!r} is not an IP address"))
+        return self._lookup(name, "PTR").addCallback(_existing, address)
+
+    def mx(self, domain: str) -> Deferred[list[tuple[int, str]]]:
+        """[(preference, host)] sorted; [] without MX records; NullMX for a lone "."."""
+        answer = self._lookup(domain, "MX").addCallback(_existing, domain)
+        return answer.addCallback(lambda records: mx_answer(domain, records))
+
+
+def _existing(answer: _Answer, name: str) -> list[Any]:
+    if not answer.exists:
+        raise NoSuchDomain(f"{name}: no such domain")
+    return list(answer.values)
+
+
+class DnsLookups(Lookups):
+    """DNS for filters over `DnsQuerier`: cached, shared, asynchronous (see the module docstring)."""
+
+    def __init__(
+        self,
+        querier: DnsQuerier,
+        clock: Any,
+        *,
+        cache_size: int = CACHE_SIZE,
+        negative_ttl: float = NEGATIVE_TTL,
+    ) -> None:
+        self.querier = querier
+        self.clock = clock
+        self.cache_size = cache_size
+        self.negative_ttl = negative_ttl
+        self._cache: OrderedDict[tuple[str, str], tuple[float, _Answer]] = OrderedDict()
+        self._in_flight: dict[tuple[str, str], list[Deferred[_Answer]]] = {}
+        self.questions = 0  # sent to the name servers (for tests and statistics)
+        self.cache_hits = 0
+
+    @classmethod
+    def from_config(cls, cfg: DnsConfig, reactor: Any) -> DnsLookups:
+        servers = []
+        for text in cfg.nameservers:
+            try:
+                servers.append(parse_nameserver(text))
+            except ValueError:
+                raise ConfigError(
+                    "the configuration",
+                    "dns.nameservers",
+                    f"{text!r} is not a name server address "
+                    '(write "192.0.2.53", "127.0.0.1:5353" or "[::1]:53")',
+                ) from None
+        querier = DnsQuerier(reactor, servers or system_nameservers(), cfg.timeout, log_problem=_log_problem)
+        return cls(querier, reactor)
+
+    def close(self) -> Deferred[Any]:
+        """Fail the lookups in flight and close the sockets."""
+        return self.querier.close()
+
+    def _lookup(self, name: str, rdtype: str) -> Deferred[_Answer]:
+        key = (normal_name(name), rdtype)
+        entry = self._cache.get(key)
+        if entry is not None:
+            if entry[0] > self.clock.seconds():
+                self._cache.move_to_end(key)
+                self.cache_hits += 1
+                return succeed(entry[1])
+            del self._cache[key]
+        result: Deferred[_Answer] = Deferred()
+        waiting = self._in_flight.get(key)
+        if waiting is not None:
+            waiting.append(result)
+            return result
+        qname = _qname(key[0])
+        if qname is None:
+            return succeed(_NOT_FOUND)
+        self._in_flight[key] = [result]
+        self.questions += 1
+        asked = self.querier.query(qname, rdtype)
+        asked.addCallbacks(self._answered, self._failed, callbackArgs=(key, qname), errbackArgs=(key,))
+        return result
+
+    def _answered(self, response: dns.message.Message, key: tuple[str, str], qname: dns.name.Name) -> None:
+        try:
+            answer, ttl = interpret(response, qname, key[1], self.negative_ttl)
+        except Exception:
+            self._failed(Failure(), key)  # type: ignore[no-untyped-call]
+            return
+        if ttl > 0:
+            self._cache[key] = (self.clock.seconds() + ttl, answer)
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        for waiter in self._in_flight.pop(key, []):
+            if not waiter.called:  # a waiter cancelled by its filter's timeout
+                waiter.callback(answer)
+
+    def _failed(self, failure: Failure, key: tuple[str, str]) -> None:
+        for waiter in self._in_flight.pop(key, []):
+            if not waiter.called:
+                waiter.errback(failure)
+
+
+def _log_problem(text: str) -> None:
+    log.debug("dns: {problem}", problem=text)
+
+
+ZoneEntry = Mapping[str, Sequence[Any]] | Exception
+
+
+class StaticDnsLookups(Lookups):
+    """DnsLookups answering from a dict shaped like a zone, for tests.
+
+    ``{"example.test": {"A": ["192.0.2.1"], "MX": [(10, "mx.example.test")],
+    "TXT": ["v=spf1 -all"]}, "192.0.2.1": {"PTR": ["mx.example.test"]},
+    "2.0.0.127.zen.test": {"A": ["127.0.0.2"]}, "broken.test":
+    DnsTemporaryError("SERVFAIL")}``. A key that is an IP address stands for
+    its reverse name. A name not in the dict does not exist; a name without the
+    record type has none (NODATA).
+
+    With `hold`, each lookup waits (in `held`) until `release()`: tests of
+    filters that must ask in parallel, or must not wait for each other.
+    """
+
+    def __init__(self, zone: Mapping[str, ZoneEntry], *, hold: bool = False) -> None:
+        self.zone: dict[str, ZoneEntry] = {}
+        for name, entry in zone.items():
+            try:
+                key = reverse_name(name)
+            except ValueError:
+                key = name
+            self.zone[normal_name(key)] = entry
+        self.hold = hold
+        self.queries: list[tuple[str, str]] = []
+        self.held: list[tuple[str, str, Deferred[_Answer]]] = []
+
+    def _answer(self, key: str, rdtype: str) -> _Answer:
+        entry = self.zone.get(key)
+        if entry is None or _qname(key) is None:
+            return _NOT_FOUND
+        if isinstance(entry, Exception):
+            raise entry
+        return _Answer(tuple(entry.get(rdtype, ())))
+
+    def _lookup(self, name: str, rdtype: str) -> Deferred[_Answer]:
+        key = normal_name(name)
+        self.queries.append((key, rdtype))
+        if self.hold:
+            deferred: Deferred[_Answer] = Deferred()
+            self.held.append((key, rdtype, deferred))
+            return deferred
+        try:
+            return succeed(self._answer(key, rdtype))
+        except Exception as error:
+            return fail(error)
+
+    def release(self) -> None:
+        """Answer every held lookup, in the order asked."""
+        held, self.held = self.held, []
+        for key, rdtype, deferred in held:
+            if deferred.called:
+                continue
+            try:
+                answer = self._answer(key, rdtype)
+            except Exception as error:
+                deferred.errback(error)
+            else:
+                deferred.callback(answer)
