@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable
+from typing import Protocol
 
 import attrs
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -67,6 +68,14 @@ class CalloutServer:
             first = spec.hosts[0]
             return cls(first.host, first.port, lmtp=spec.kind == "lmtp")
         return None
+
+
+class Prober(Protocol):
+    """Asks one server about addresses (`SmtpProber`; fakes in the tests)."""
+
+    def probe(self, address: str) -> Deferred[Lookup]:
+        """Fires with VALID, UNKNOWN or UNVERIFIED; never fails."""
+        ...
 
 
 class ProbeFactory(Factory):

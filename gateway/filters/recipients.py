@@ -21,16 +21,17 @@ unknown user is lost.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from gateway.config import RelayConfig, Section
 from gateway.delivery.router import Router, TransportSpecError, parse_host_port, parse_transport
 from gateway.filters import FilterServices, Request
-from gateway.filters._callout import CalloutServer, Connector, SmtpProber, endpoint_connector
+from gateway.filters._callout import CalloutServer, Connector, Prober, SmtpProber, endpoint_connector
 from gateway.filters._directory import (
     AcceptAll,
     Answer,
@@ -68,7 +69,7 @@ class CalloutDirectory:
     def __init__(
         self,
         services: FilterServices,
-        make_prober: Any,  # CalloutServer -> SmtpProber
+        make_prober: Callable[[CalloutServer], Prober],
         *,
         server: CalloutServer | None = None,
         **verifier_options: Any,
@@ -76,7 +77,7 @@ class CalloutDirectory:
         self.router = Router(services.config.routes)
         self.server = server
         self.make_prober = make_prober
-        self.probers: dict[CalloutServer, SmtpProber] = {}
+        self.probers: dict[CalloutServer, Prober] = {}
         self.verifier = AddressVerifier(services.reactor, self._probe, **verifier_options)
         self._warned: set[str] = set()
 
@@ -86,21 +87,26 @@ class CalloutDirectory:
         return CalloutServer.from_spec(self.router.route(address).spec)
 
     def lookup(self, address: str) -> Lookup | Deferred[Lookup]:
+        if self.server_for(address) is None:
+            return self._unaskable(address)
         return self.verifier.verify(address)
+
+    def _unaskable(self, address: str) -> Lookup:
+        # a "*.domain" of ours that leaves by mx or maildir: accepted, as without this filter
+        route = self.router.route(address)
+        if route.match not in self._warned:
+            self._warned.add(route.match)
+            log.warn(
+                "recipients: mail for {match} is not verified: its route {spec} has no server to ask "
+                "(set filters.recipients.server, or use mode static)",
+                match=route.match,
+                spec=route.spec.text,
+            )
+        return Lookup(Answer.VALID, f"not verified: route {route.spec.text}")
 
     def _probe(self, address: str) -> Deferred[Lookup]:
         server = self.server_for(address)
-        if server is None:
-            route = self.router.route(address)
-            if route.match not in self._warned:
-                self._warned.add(route.match)
-                log.warn(
-                    "recipients: mail for {match} is not verified: its route {spec} has no server to ask "
-                    "(set filters.recipients.server, or use mode static)",
-                    match=route.match,
-                    spec=route.spec.text,
-                )
-            return succeed(Lookup(Answer.VALID, f"not verified: route {route.spec.text}"))
+        assert server is not None  # lookup() asks only about addresses with a server
         prober = self.probers.get(server)
         if prober is None:
             prober = self.probers[server] = self.make_prober(server)
