@@ -8,12 +8,14 @@ to the SMTP worker processes, which reload their own filters the same way.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application.service import Service
+from twisted.internet.error import ProcessExitedAlready
 from twisted.logger import Logger
 
 from gateway.config import ConfigError
@@ -51,7 +53,7 @@ class ReloadResult:
 
 
 def reload_filters(runner: ChainRunner) -> ReloadResult:
-    """Reload every reloadable filter of the runner's chains, logging each outcome."""
+    """Reload every reloadable filter of the runner's chains, logging each failure."""
     reloaded: list[str] = []
     failed: list[tuple[str, str]] = []
     for candidate in runner.all_filters():
@@ -67,7 +69,6 @@ def reload_filters(runner: ChainRunner) -> ReloadResult:
             log.failure("filter {name}: reload failed, the old data is kept", name=name)
             failed.append((name, f"{type(error).__name__}: {error}"))
         else:
-            log.info("filter {name} reloaded", name=name)
             reloaded.append(name)
     return ReloadResult(tuple(reloaded), tuple(failed))
 
@@ -77,8 +78,8 @@ def reloader(runner: ChainRunner, workers: SmtpWorkers | None = None) -> Callabl
 
     It reloads the runner's filters, passes SIGHUP on to the SMTP worker
     processes when `workers` is given (they reload on their own, a moment
-    later), and returns a one-line summary; it raises `ReloadFailed` (with the
-    same summary) when a filter kept its old data.
+    later), logs and returns a one-line summary; it raises `ReloadFailed` (with
+    the same summary) when a filter kept its old data.
     """
 
     def reload() -> str:
@@ -88,7 +89,8 @@ def reloader(runner: ChainRunner, workers: SmtpWorkers | None = None) -> Callabl
             signalled = signal_workers(workers)
             summary += f"; SIGHUP sent to {signalled} SMTP worker process(es)"
         if result.failed:
-            raise ReloadFailed(summary)
+            raise ReloadFailed(summary)  # each failure is logged already
+        log.info("reload: {summary}", summary=summary)
         return summary
 
     return reload
@@ -100,7 +102,7 @@ def signal_workers(workers: SmtpWorkers) -> int:
     for transport in list(workers.links.values()):
         try:
             transport.signalProcess("HUP")
-        except Exception as error:  # ProcessExitedAlready: it is being restarted (and reads anew)
+        except (ProcessExitedAlready, OSError) as error:  # it is being restarted (and reads anew)
             log.debug("SIGHUP not sent to a worker: {error}", error=error)
         else:
             count += 1
@@ -116,11 +118,9 @@ def install_sighup(reactor: Any, reload: Callable[[], object]) -> Any:
     """
 
     def run() -> None:
-        try:
-            summary = reload()
-        except ReloadFailed:
-            return  # logged, filter by filter, by reload_filters
-        log.info("SIGHUP: {summary}", summary=summary)
+        log.info("SIGHUP received: reloading")
+        with contextlib.suppress(ReloadFailed):  # logged, filter by filter, by reload_filters
+            reload()
 
     def handler(signum: int, frame: object) -> None:
         reactor.callFromThread(run)

@@ -55,8 +55,8 @@ def gateway(tmp_path: os.PathLike[str], swaks: Any) -> Iterator[GatewayProcess]:
     port = free_port()
     process = GatewayProcess(tmp, config(tmp, port), port)
     process.start()
-    # every worker has built its chain (and is serving) before the tests send anything
-    wait_until(lambda: process.log().count("smtpd worker") >= WORKERS)
+    # every worker has built its chain (and can take SIGHUP) before the tests send anything
+    wait_until(lambda: process.log().count("SmtpServerFactory starting on") >= WORKERS)
     yield process
     process.stop()
 

@@ -57,8 +57,7 @@ def test_reload_filters_reloads_each_reloadable_filter_once(tmp_path: Path) -> N
     assert result.reloaded == ("lists",) and result.failed == ()
     assert result.describe() == "reloaded lists"
     assert blocks(lists, "x@new.test")
-    messages = [e["log_format"] for e in events if e.get("log_namespace") == "mailgate.reload"]
-    assert messages == ["filter {name} reloaded"]
+    assert [e["log_level"] for e in events if e["log_level"] >= LogLevel.warn] == []
 
 
 def test_a_bad_file_is_logged_once_with_file_and_line_and_the_old_lists_stay(tmp_path: Path) -> None:
@@ -167,7 +166,8 @@ def test_sighup_schedules_a_reload_in_the_reactor_thread(tmp_path: Path, restore
     with capturedLogs() as events:
         reactor.run()
     assert blocks(lists, "x@new.test")
-    assert any(e.get("summary") == "reloaded lists" for e in events)
+    logged = [e.get("summary") for e in events if e.get("log_namespace") == "mailgate.reload"]
+    assert logged == [None, "reloaded lists"]  # "SIGHUP received", then what it did
 
 
 def test_a_failed_reload_on_sighup_is_logged_not_raised(tmp_path: Path, restore_sighup: Any) -> None:
