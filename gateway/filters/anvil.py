@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
 from twisted.internet.protocol import Factory
@@ -150,6 +150,7 @@ class _ServerProtocol(LineOnlyReceiver):
     def __init__(self, table: AnvilTable) -> None:
         self.table = table
         self.held: dict[str, int] = {}  # sessions this connection counted up and not yet down
+        self.lost: Deferred[None] = Deferred()
 
     def lineReceived(self, line: bytes) -> None:
         try:
@@ -195,14 +196,19 @@ class _ServerProtocol(LineOnlyReceiver):
         held, self.held = self.held, {}
         for client, count in held.items():
             self.table.release(client, count)
+        self.lost.callback(None)
 
 
 class _ServerFactory(Factory):
     def __init__(self, table: AnvilTable) -> None:
         self.table = table
+        self.connections: set[_ServerProtocol] = set()
 
     def buildProtocol(self, addr: Any) -> _ServerProtocol:
-        return _ServerProtocol(self.table)
+        protocol = _ServerProtocol(self.table)
+        self.connections.add(protocol)
+        protocol.lost.addCallback(lambda _: self.connections.discard(protocol))
+        return protocol
 
 
 class AnvilServer(Service):
@@ -219,6 +225,7 @@ class AnvilServer(Service):
         self.reactor = reactor
         self.owner: tuple[int, int] | None = None
         self.port: IListeningPort | None = None
+        self.factory = _ServerFactory(anvil.table)
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()  # type: ignore[no-untyped-call]
@@ -232,21 +239,25 @@ class AnvilServer(Service):
         if self.port is not None:
             return
         # wantPID: a lock file beside the socket; a stale socket of a dead process is removed
-        self.port = self.reactor.listenUNIX(
-            self.path, _ServerFactory(self.anvil.table), mode=0o600, wantPID=True
-        )
+        self.port = self.reactor.listenUNIX(self.path, self.factory, mode=0o600, wantPID=True)
         if self.owner is not None:
             for name in (self.path, self.path + ".lock"):
                 if os.path.lexists(name):
                     os.lchown(name, *self.owner)
         log.info("anvil listening on {path}", path=self.path)
 
-    def stopService(self) -> Deferred[None] | None:
+    def stopService(self) -> Deferred[None]:
+        """Stop listening and close the workers' connections (they reconnect to the next one)."""
         super().stopService()  # type: ignore[no-untyped-call]
         port, self.port = self.port, None
-        if port is not None:
-            return port.stopListening()
-        return None
+        waits: list[Deferred[Any]] = []
+        stopped = port.stopListening() if port is not None else None
+        if stopped is not None:
+            waits.append(stopped)
+        for protocol in list(self.factory.connections):
+            waits.append(protocol.lost)
+            protocol.transport.loseConnection()  # type: ignore[union-attr]
+        return gatherResults(waits).addCallback(lambda _: None)
 
 
 # --- the client (workers) -------------------------------------------------------------
@@ -270,6 +281,7 @@ class _ClientProtocol(LineOnlyReceiver):
     def __init__(self, owner: AnvilClient) -> None:
         self.owner = owner
         self.pending: deque[_Pending] = deque()
+        self.lost: Deferred[None] = Deferred()
 
     def send(self, pending: _Pending) -> None:
         pending.sent = True
@@ -301,6 +313,7 @@ class _ClientProtocol(LineOnlyReceiver):
         self.owner._lost(self, reason)
         for request in pending:
             self.owner._fail(request, AnvilUnavailable("the connection to the anvil was lost"))
+        self.lost.callback(None)
 
 
 class _ClientFactory(Factory):
@@ -433,10 +446,13 @@ class AnvilClient:
         pending.timer = None
         return True
 
-    def close(self) -> None:
-        """Drop the connection (tests; a worker's ends with the process)."""
-        if self.protocol is not None:
-            self.protocol.transport.loseConnection()  # type: ignore[union-attr]
+    def close(self) -> Deferred[None]:
+        """Drop the connection; fires once it is gone (a worker's ends with the process)."""
+        protocol = self.protocol
+        if protocol is None:
+            return succeed(None)
+        protocol.transport.loseConnection()  # type: ignore[union-attr]
+        return protocol.lost
 
 
 # --- which anvil ----------------------------------------------------------------------
