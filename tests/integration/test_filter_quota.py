@@ -1,0 +1,194 @@
+"""The state-store filters in the real gateway: send quotas held and released, greylisting,
+and one SQLite file shared by the SMTP worker processes."""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.integration.gateway import GatewayProcess, free_port, maildir_messages, wait_until
+
+SENDER = "alice@corp.test"
+RECIPIENT = "someone@elsewhere.test"
+
+
+def gateway_config(tmp: str, port: int, *, workers: int, filters: str) -> str:
+    # 127.0.0.1 is in relay.networks: its mail runs the outbound chain
+    return f"""
+[gateway]
+hostname = "gw.test"
+state_dir = "{tmp}/state"
+user = ""
+[smtp]
+workers = {workers}
+[[smtp.listeners]]
+endpoint = "tcp:{port}:interface=127.0.0.1"
+role = "inbound"
+[relay]
+domains = ["example.com"]
+networks = ["127.0.0.1/32"]
+[[routes]]
+match = "*"
+transport = "maildir:{tmp}/mail/{{domain}}/{{local}}/"
+[delivery]
+queue_scan_interval = "1s"
+{filters}
+"""
+
+
+@pytest.fixture
+def start_gateway(tmp_path: os.PathLike[str]) -> Iterator[Callable[..., GatewayProcess]]:
+    started: list[GatewayProcess] = []
+
+    def start(filters: str, *, workers: int = 1) -> GatewayProcess:
+        port = free_port()
+        process = GatewayProcess(
+            str(tmp_path), gateway_config(str(tmp_path), port, workers=workers, filters=filters), port
+        )
+        started.append(process)
+        process.start()
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+def delivered(gateway: GatewayProcess, address: str = RECIPIENT) -> list[bytes]:
+    local, domain = address.split("@")
+    return maildir_messages(os.path.join(gateway.directory, "mail", domain, local))
+
+
+def queue_rows(gateway: GatewayProcess) -> dict[str, str]:
+    """queue id -> state, from `mailgatectl queue list`."""
+    rows = {}
+    for line in gateway.ctl("queue", "list").stdout.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[1] in ("incoming", "active", "deferred", "hold", "corrupt"):
+            rows[fields[0]] = fields[1]
+    return rows
+
+
+def send(gateway: GatewayProcess, sender: str, subject: str) -> str:
+    """One message over its own connection; the queue id from the 250 reply."""
+    with smtplib.SMTP("127.0.0.1", gateway.smtp_port, timeout=30) as client:
+        client.ehlo("client.test")
+        assert client.mail(sender)[0] == 250
+        assert client.rcpt(RECIPIENT)[0] == 250
+        code, text = client.data(f"Subject: {subject}\r\n\r\nhello\r\n".encode())
+        assert code == 250, text
+    return text.decode().rsplit(" ", 1)[-1]
+
+
+QUOTA = """
+[filters]
+outbound = ["quota"]
+[filters.quota]
+messages = 3
+period = "1h"
+"""
+
+
+def test_past_its_quota_a_senders_mail_is_held_until_released(
+    start_gateway: Callable[..., GatewayProcess], swaks: Any
+) -> None:
+    gateway = start_gateway(QUOTA)
+    for number in range(1, 5):
+        result = swaks(
+            "--from", SENDER, "--to", RECIPIENT, "--helo", "client.test",
+            "--header", f"Subject: message {number}",
+            server=("127.0.0.1", gateway.smtp_port),
+        )  # fmt: skip
+        # the client is told nothing: the fourth is accepted like the others
+        assert result.returncode == 0, result.transcript
+        assert "250 2.0.0 Ok: queued as" in result.transcript
+    wait_until(lambda: len(delivered(gateway)) == 3)
+    log = gateway.wait_for_log("ALERT: send quota exceeded")
+    assert (
+        "ALERT: send quota exceeded by sender=<alice@corp.test> (4 messages in 1h, limit 3): "
+        "holding its mail (a compromised account?)"
+    ) in log
+    [(held, state)] = queue_rows(gateway).items()
+    assert state == "hold"
+    time.sleep(2)  # two queue scans: a held message stays held
+    assert len(delivered(gateway)) == 3
+    assert gateway.ctl("queue", "show", held).stdout.startswith(f"queue id:  {held}\nstate:     hold")
+
+    # a fifth: held too, and no second alert this hour
+    result = swaks("--from", SENDER, "--to", RECIPIENT, server=("127.0.0.1", gateway.smtp_port))
+    assert result.returncode == 0, result.transcript
+    wait_until(lambda: len(queue_rows(gateway)) == 2)
+    assert gateway.log().count("ALERT: send quota exceeded") == 1
+    # another sender is not concerned
+    result = swaks("--from", "bob@corp.test", "--to", RECIPIENT, server=("127.0.0.1", gateway.smtp_port))
+    assert result.returncode == 0, result.transcript
+    wait_until(lambda: len(delivered(gateway)) == 4)
+
+    # the operator has looked: release the first held message and it is delivered
+    assert gateway.ctl("queue", "release", held).stdout.strip() == f"{held}: release done"
+    wait_until(lambda: len(delivered(gateway)) == 5)
+    assert any(b"Subject: message 4" in message for message in delivered(gateway))
+    assert list(queue_rows(gateway).values()) == ["hold"]
+
+
+def test_the_smtp_worker_processes_share_one_count(start_gateway: Callable[..., GatewayProcess]) -> None:
+    gateway = start_gateway(QUOTA.replace("messages = 3", "messages = 1"), workers=2)
+    # each sender sends two messages over two connections, which the kernel hands to
+    # either worker; the second must be held even when the other worker took it
+    firsts: list[str] = []
+    seconds: list[str] = []
+    crossed = 0
+    for number in range(40):
+        sender = f"user{number}@corp.test"
+        firsts.append(send(gateway, sender, f"{sender} 1"))
+        # the first worker's store thread commits the count just after its 250
+        time.sleep(0.05)
+        seconds.append(send(gateway, sender, f"{sender} 2"))
+        # a queue id carries its worker's tag (character 12)
+        if firsts[-1][11] != seconds[-1][11]:
+            crossed += 1
+            if crossed == 3:
+                break
+    assert crossed == 3, f"the kernel gave (almost) every connection to one worker: {firsts} {seconds}"
+    wait_until(lambda: len(delivered(gateway)) == len(firsts))
+    rows = queue_rows(gateway)
+    assert rows == dict.fromkeys(seconds, "hold")
+    # one file, seen by both workers: one counter per sender
+    connection = sqlite3.connect(os.path.join(gateway.directory, "state", "state.sqlite"))
+    counts = dict(connection.execute("SELECT key, count FROM counters WHERE tbl = 'quota.messages'"))
+    connection.close()
+    assert counts == {f"sender=<user{n}@corp.test>": 2 for n in range(len(firsts))}
+
+
+def test_greylisting_defers_a_first_attempt_and_passes_a_retry(
+    start_gateway: Callable[..., GatewayProcess], swaks: Any
+) -> None:
+    gateway = start_gateway(
+        """
+[filters]
+outbound = ["greylist"]
+[filters.greylist]
+delay = "2s"
+retry_window = "1h"
+""",
+        workers=2,
+    )
+    first = swaks("--from", SENDER, "--to", RECIPIENT, server=("127.0.0.1", gateway.smtp_port))
+    assert first.returncode == 24, first.transcript  # swaks: RCPT refused
+    assert "450 4.7.1 Greylisted, please try again in 2 seconds" in first.transcript
+    time.sleep(2.1)
+    retry = swaks("--from", SENDER, "--to", RECIPIENT, server=("127.0.0.1", gateway.smtp_port))
+    assert retry.returncode == 0, retry.transcript
+    wait_until(lambda: len(delivered(gateway)) == 1)
+    gateway.wait_for_log("greylist: 127.0.0.0/24 alice@corp.test someone@elsewhere.test passed after")
+    # the client network has retried once: its next new triplet is not delayed
+    other = swaks(
+        "--from", "bob@corp.test", "--to", "x@elsewhere.test", server=("127.0.0.1", gateway.smtp_port)
+    )
+    assert other.returncode == 0, other.transcript
