@@ -441,5 +441,5 @@ def test_the_fragment_documents_every_option_at_its_default() -> None:
 
 def test_an_ip_address_is_not_a_sender_domain() -> None:
     # an IP address written in a senders' list is a mistake, not a domain "192.0.2.1"
-    with pytest.raises(configuration.ConfigError, match="'192.0.2.1' is not an address or a domain"):
+    with pytest.raises(configuration.ConfigError, match=r"'192\.0\.2\.1' is not an address or a domain"):
         lists_from('block_senders = ["192.0.2.1"]')
