@@ -31,6 +31,7 @@ from gateway.delivery.manager import QueueManager
 from gateway.delivery.router import Router
 from gateway.delivery.transports import ThreadPoolService, Transports
 from gateway.queue.spool import DirectorySpool
+from gateway.filters.reload import SighupReload, reloader
 from gateway.reception import Reception
 from gateway.smtp.auth import CredentialsError, FileCredentials
 from gateway.smtp.server import SmtpServerFactory
@@ -236,13 +237,15 @@ def make_service(
     transports.setServiceParent(top)
     manager.setServiceParent(top)
 
+    workers = None
     if cfg.smtp.workers and cfg.smtp.listeners:
         # the listeners are served by worker processes; this one delivers. Check what
         # they will load (and make the self-signed certificate) once, here, first.
         smtp_factory_maker(cfg, reception, reactor)
-        SmtpWorkers(
+        workers = SmtpWorkers(
             cfg.smtp.workers, config_path, [lst.endpoint for lst in cfg.smtp.listeners], manager.wake, reactor
-        ).setServiceParent(top)
+        )
+        workers.setServiceParent(top)
     else:
         make_factory, services = smtp_factory_maker(cfg, reception, reactor)
         for service in services:
@@ -253,9 +256,11 @@ def make_service(
             port._raiseSynchronously = True  # a port in use stops start-up with a clear error
             port.setServiceParent(top)
 
+    reload = reloader(reception.runner, workers)
+    SighupReload(reactor, reload).setServiceParent(top)  # installs at start, restores at stop
     control = StreamServerEndpointService(
         UNIXServerEndpoint(reactor, cfg.control_socket, mode=0o600, wantPID=True),
-        ControlFactory(manager, spool, time.time()),
+        ControlFactory(manager, spool, time.time(), reload=reload),
     )
     control._raiseSynchronously = True
     control.setServiceParent(top)

@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from gateway import config as configuration
     from gateway.queue.spool import DirectorySpool
+    from gateway.filters.reload import install_sighup, reloader
     from gateway.tap import account_of, become, make_reception, smtp_factory_maker
 
     globalLogBeginner.beginLoggingTo([_log_to_stderr], redirectStandardIO=False)  # type: ignore[list-item]
@@ -220,7 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     parent = _ParentLink(reactor)
     StandardIO(parent, reactor=reactor)  # type: ignore[no-untyped-call]
     spool.subscribe(lambda queue_id: parent.transport.write(queue_id.encode() + b"\n"))  # type: ignore[union-attr]
-    make_factory, services = smtp_factory_maker(cfg, make_reception(cfg, spool, reactor), reactor)
+    reception = make_reception(cfg, spool, reactor)
+    install_sighup(reactor, reloader(reception.runner))  # the main process passes SIGHUP on
+    make_factory, services = smtp_factory_maker(cfg, reception, reactor)
     for service in services:  # thread pools: stopped with the reactor, or they keep us alive
         service.startService()  # type: ignore[no-untyped-call]
         reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
