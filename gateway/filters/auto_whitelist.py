@@ -21,7 +21,7 @@ want and before the content scanners.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -63,7 +63,7 @@ class AutoWhitelist:
 
     def __init__(
         self,
-        store: IStateStore,
+        store: Callable[[], IStateStore],
         clock: Any,
         *,
         clean_messages: int = 3,
@@ -72,13 +72,18 @@ class AutoWhitelist:
         ipv6_prefix: int = 64,
         directions: frozenset[Direction] = frozenset(Direction),
     ) -> None:
-        self.store = store
+        self._store = store
         self.clock = clock
         self.clean_messages = clean_messages
         self.max_age = max_age
         self.ipv4_prefix = ipv4_prefix
         self.ipv6_prefix = ipv6_prefix
         self.directions = directions
+
+    @property
+    def store(self) -> IStateStore:
+        """The state store (`store` is called each time: FilterServices opens it once)."""
+        return self._store()
 
     @classmethod
     def from_config(cls, options: Section, services: FilterServices) -> AutoWhitelist:
@@ -88,7 +93,7 @@ class AutoWhitelist:
             raise options.error("max_age", "must be longer than 0 s")
         ipv4_prefix, ipv6_prefix = prefixes(options)
         return cls(
-            services.store,
+            lambda: services.store,  # opened at the first check, not when the chain is built
             services.reactor,
             clean_messages=clean_messages,
             max_age=max_age,

@@ -21,6 +21,7 @@ verdict (a 4xx by default), never letting a triplet through unchecked.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -50,7 +51,7 @@ class Greylist:
 
     def __init__(
         self,
-        store: IStateStore,
+        store: Callable[[], IStateStore],
         clock: Any,
         *,
         delay: float = 300.0,
@@ -60,7 +61,7 @@ class Greylist:
         ipv4_prefix: int = 24,
         ipv6_prefix: int = 64,
     ) -> None:
-        self.store = store
+        self._store = store
         self.clock = clock
         self.delay = delay
         self.retry_window = retry_window
@@ -68,6 +69,11 @@ class Greylist:
         self.auto_whitelist_clients = auto_whitelist_clients
         self.ipv4_prefix = ipv4_prefix
         self.ipv6_prefix = ipv6_prefix
+
+    @property
+    def store(self) -> IStateStore:
+        """The state store (`store` is called each time: FilterServices opens it once)."""
+        return self._store()
 
     @classmethod
     def from_config(cls, options: Section, services: FilterServices) -> Greylist:
@@ -83,7 +89,7 @@ class Greylist:
             raise options.error("auto_whitelist_clients", "must be 0 (never) or more")
         ipv4_prefix, ipv6_prefix = prefixes(options)
         return cls(
-            services.store,
+            lambda: services.store,  # opened at the first check, not when the chain is built
             services.reactor,
             delay=delay,
             retry_window=retry_window,

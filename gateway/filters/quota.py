@@ -29,6 +29,7 @@ filters after it at MAIL and RCPT are not skipped for a held message.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -69,7 +70,7 @@ class Quota:
 
     def __init__(
         self,
-        store: IStateStore,
+        store: Callable[[], IStateStore],
         clock: Any,
         *,
         messages: int = 200,
@@ -80,7 +81,7 @@ class Quota:
         exempt: frozenset[str] = frozenset(),
         directions: frozenset[Direction] = frozenset(Direction),
     ) -> None:
-        self.store = store
+        self._store = store
         self.clock = clock
         self.messages = messages
         self.recipients = recipients
@@ -89,6 +90,11 @@ class Quota:
         self.action = action
         self.exempt = frozenset(entry.lower() for entry in exempt)
         self.directions = directions
+
+    @property
+    def store(self) -> IStateStore:
+        """The state store (`store` is called each time: FilterServices opens it once)."""
+        return self._store()
 
     @classmethod
     def from_config(cls, options: Section, services: FilterServices) -> Quota:
@@ -102,7 +108,7 @@ class Quota:
         if period <= 0:
             raise options.error("period", "must be longer than 0 s")
         return cls(
-            services.store,
+            lambda: services.store,  # opened at the first check, not when the chain is built
             services.reactor,
             messages=messages,
             recipients=recipients,

@@ -8,9 +8,10 @@ import pytest
 from zope.interface.verify import verifyObject
 
 from gateway.config import ConfigError
-from gateway.filters import Request
+from gateway.filters import FilterServices, Request
 from gateway.filters.auto_whitelist import AutoWhitelist
 from gateway.filters.chain import Hit
+from gateway.filters.registry import build_runner
 from gateway.filters.testing import StaticFilter
 from gateway.interfaces import IAcceptObserver, IFilter
 from gateway.model import Action, Direction, Envelope, Session, Stage, Verdict
@@ -232,3 +233,17 @@ def test_the_fragment_documents_every_option_at_its_default() -> None:
     assert options == {"clean_messages": 3, "max_age": "30d", "ipv4_prefix": 24, "ipv6_prefix": 64}
     awl = AutoWhitelist.from_config(cfg.filters.section(cfg.source, "auto-whitelist"), Driver("").services)
     assert (awl.clean_messages, awl.max_age, awl.ipv4_prefix, awl.ipv6_prefix) == (3, 30 * DAY, 24, 64)
+
+
+@pytest.mark.parametrize("name", ["auto-whitelist", "greylist", "quota"])
+def test_building_a_chain_opens_no_store(name: str) -> None:
+    # the gateway builds its filters before it forks into a daemon and drops
+    # privileges: the store (a thread and a file) must wait for the first check
+    class NoStoreYet(FilterServices):
+        @property
+        def store(self) -> Any:
+            raise AssertionError("the store was opened while the chain was built")
+
+    cfg = config(f'[filters]\ninbound = ["{name}"]\n')
+    runner = build_runner(cfg, NoStoreYet(cfg, reactor=None))
+    assert [link.name for link in runner.chains[Direction.INBOUND]] == [name]
