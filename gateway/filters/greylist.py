@@ -118,6 +118,8 @@ class Greylist:
                 return renewed.addCallback(lambda _: CONTINUE)
             return CONTINUE
 
+        if not self.auto_whitelist_clients:
+            return client_known(None)
         known: Deferred[Any] = self.store.get(CLIENTS, network)
         return known.addCallback(client_known)
 
