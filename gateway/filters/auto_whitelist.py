@@ -123,12 +123,14 @@ class AutoWhitelist:
         self._record(request, tuple(hits), held)
 
     def message_refused(self, request: Request, hits: Any) -> None:
-        """A message refused at the DATA stage (a later filter rejected or discarded it).
+        """A message not queued after the DATA stage (a later filter rejected, discarded or deferred it).
 
-        Its REJECT or DISCARD hit makes it not clean: the sender starts again.
+        A REJECT or DISCARD hit makes it not clean: the sender starts again. A
+        message that was not queued never counts as clean (a 4xx says nothing).
         (The reception calls this once it tells observers of refused messages.)
         """
-        self._record(request, tuple(hits), False)
+        if judge(tuple(hits), False) is False:
+            self._record(request, tuple(hits), False)
 
     def _record(self, request: Request, hits: tuple[Hit, ...], held: bool) -> None:
         envelope = request.envelope

@@ -150,6 +150,15 @@ def test_a_message_refused_at_data_ends_a_whitelisting() -> None:
     assert fired(awl.check(request)).action is Action.CONTINUE
 
 
+def test_a_message_deferred_at_data_is_not_counted_as_clean() -> None:
+    awl = driver().filter("auto-whitelist")
+    request = Request(Stage.DATA, Direction.INBOUND, CLIENT, Envelope(SENDER, ()))
+    deferred = Hit("spamd", Stage.DATA, Action.DEFER, "try later", 0.0, 0.0)
+    for _ in range(3):
+        awl.message_refused(request, (deferred,))
+    assert fired(awl.check(request)).action is Action.CONTINUE
+
+
 def test_the_whitelisting_expires_unless_clean_mail_renews_it() -> None:
     gateway = driver('max_age = "30d"')
     awl = gateway.filter("auto-whitelist")
