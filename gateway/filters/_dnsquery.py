@@ -7,8 +7,8 @@ a thousand questions in flight are a thousand small objects and a few sockets.
 - Questions go out from a small pool of UDP sockets per address family, each
   bound to a random port by the kernel and retired after a number of uses; each
   question has a random 16-bit id. An answer is taken only from the server the
-  question went to, with the id and the question it was asked with
-  (`Message.is_response`), so a spoofer must guess port, id and name at once.
+  question went to, with the id and the question it was asked with (RFC 5452),
+  so a spoofer must guess port, id and name at once.
 - A question is retransmitted with a doubling interval, turning to the next
   name server each time, until the deadline: then it fails with
   `DnsTemporaryError`.
@@ -29,8 +29,8 @@ from typing import Any
 import dns.exception
 import dns.flags
 import dns.message
-import dns.name
 import dns.rcode
+import dns.rdataclass
 import dns.rdatatype
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.protocol import ClientFactory, DatagramProtocol, Protocol
@@ -62,6 +62,38 @@ def parse_nameserver(text: str) -> Server:
     if not 0 < port < 65536:
         raise ValueError(f"port {port} out of range")
     return host, port
+
+
+def wire_name(name: str) -> bytes | None:
+    """A name in DNS wire form, lower case; None when it cannot be a DNS name.
+
+    Written by hand rather than with dnspython: this is on the path of every
+    DNSBL question, and dnspython's Name objects cost several times more.
+    """
+    text = name.strip().rstrip(".").lower()
+    if not text:
+        return None
+    try:
+        encoded = text.encode("ascii")
+    except UnicodeEncodeError:
+        try:
+            encoded = text.encode("idna")  # IDNA 2003, as dnspython's default
+        except UnicodeError:
+            return None
+    labels = encoded.split(b".")
+    if any(not 0 < len(label) < 64 for label in labels):
+        return None
+    wire = b"".join(bytes((len(label),)) + label for label in labels) + b"\x00"
+    return wire if len(wire) <= 255 else None
+
+
+def query_wire(query_id: int, qname: bytes, rdtype: int, *, edns: bool) -> bytes:
+    """A recursive query for (qname, rdtype, IN), with an EDNS0 OPT record when `edns`."""
+    header = struct.pack("!HHHHHH", query_id, 0x0100, 1, 0, 0, 1 if edns else 0)  # RD
+    question = qname + struct.pack("!HH", rdtype, 1)
+    if not edns:
+        return header + question
+    return header + question + b"\x00" + struct.pack("!HHIH", 41, EDNS_PAYLOAD, 0, 0)
 
 
 def _family(server: Server) -> int:
@@ -142,16 +174,17 @@ class _TcpFactory(ClientFactory):
 class _Question:
     """One question in flight: its sends, retransmissions, deadline and answer."""
 
-    def __init__(self, querier: DnsQuerier, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> None:
+    def __init__(self, querier: DnsQuerier, name: str, qname: bytes, rdtype: int) -> None:
         self.querier = querier
-        self.qname = qname
+        self.name = name
+        self.qname = qname  # wire form, lower case
         self.rdtype = rdtype
         self.result: Deferred[dns.message.Message] = Deferred()
         self.servers = querier.nameservers
         self.turn = secrets.randbelow(len(self.servers))  # spread the load over the servers
         self.failed: set[Server] = set()
         self.no_edns: set[Server] = set()
-        self.sent: dict[tuple[_Socket, int], tuple[Server, dns.message.Message]] = {}
+        self.sent: dict[tuple[_Socket, int], tuple[Server, bool]] = {}  # -> (server, with EDNS)
         self.interval = min(FIRST_RETRY, querier.timeout / 3)
         clock = querier.clock
         self.deadline = clock.callLater(querier.timeout, self._timed_out)
@@ -159,7 +192,7 @@ class _Question:
         self.tcp = False
 
     def describe(self) -> str:
-        return f"{self.qname.to_text(omit_final_dot=True)}/{dns.rdatatype.to_text(self.rdtype)}"
+        return f"{self.name}/{dns.rdatatype.to_text(dns.rdatatype.RdataType.make(self.rdtype))}"
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -188,10 +221,11 @@ class _Question:
             self.querier.clock.callLater(0, self.send_next)
             return
         query_id = sock.allocate(self)
-        query = self._message(server, query_id)
-        self.sent[sock, query_id] = (server, query)
+        edns = server not in self.no_edns
+        self.sent[sock, query_id] = (server, edns)
         try:
-            sock.transport.write(query.to_wire(), server)  # type: ignore[union-attr]
+            wire = query_wire(query_id, self.qname, self.rdtype, edns=edns)
+            sock.transport.write(wire, server)  # type: ignore[union-attr]
         except OSError as error:
             sock.release(query_id)
             del self.sent[sock, query_id]
@@ -199,11 +233,20 @@ class _Question:
             self.querier.log_problem(f"cannot send to {server[0]}:{server[1]}: {error}")
             self.querier.clock.callLater(0, self.send_next)
 
-    def _message(self, server: Server, query_id: int) -> dns.message.Message:
-        use_edns = -1 if server in self.no_edns else 0
-        query = dns.message.make_query(self.qname, self.rdtype, use_edns=use_edns, payload=EDNS_PAYLOAD)
-        query.id = query_id
-        return query
+    def _matches(self, response: dns.message.Message, query_id: int) -> bool:
+        """Is this the answer to our question (RFC 5452: id, and the question echoed)?"""
+        if response.id != query_id or not response.flags & dns.flags.QR or response.opcode() != 0:
+            return False
+        if len(response.question) != 1:
+            return False
+        question = response.question[0]
+        echoed = question.name.to_wire()
+        return (
+            question.rdtype == self.rdtype
+            and question.rdclass == dns.rdataclass.IN
+            and echoed is not None
+            and echoed.lower() == self.qname
+        )
 
     # -- answers ----------------------------------------------------------------------------
 
@@ -211,25 +254,25 @@ class _Question:
         sent = self.sent.get((sock, query_id))
         if sent is None or not _same_server(sent[0], addr):
             return  # not from the server we asked: ignore, as a spoofed answer would be
-        server, query = sent
+        server, edns = sent
         try:
             response = dns.message.from_wire(datagram)
         except (dns.exception.DNSException, ValueError, UnicodeError):
             return  # garbage: wait for a real answer or the deadline
-        if not query.is_response(response):
+        if not self._matches(response, query_id):
             return
         sock.release(query_id)
         del self.sent[sock, query_id]
         if response.flags & dns.flags.TC:
-            self._ask_over_tcp(server, query)
+            self._ask_over_tcp(server, edns)
             return
-        self.answered(server, query, response)
+        self.answered(server, edns, response)
 
-    def answered(self, server: Server, query: dns.message.Message, response: dns.message.Message) -> None:
+    def answered(self, server: Server, edns: bool, response: dns.message.Message) -> None:
         rcode = response.rcode()
         if rcode in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
             self._finish(response)
-        elif rcode == dns.rcode.FORMERR and query.edns >= 0 and server not in self.no_edns:
+        elif rcode == dns.rcode.FORMERR and edns and server not in self.no_edns:
             self.no_edns.add(server)  # an old server that does not know EDNS
             self._send(server)
         else:
@@ -241,15 +284,15 @@ class _Question:
                 self.tcp = False
             self.send_next()
 
-    def _ask_over_tcp(self, server: Server, query: dns.message.Message) -> None:
+    def _ask_over_tcp(self, server: Server, edns: bool) -> None:
         self.tcp = True
         if self.retry is not None and self.retry.active():
             self.retry.cancel()
         answered: Deferred[bytes] = Deferred()
         remaining = max(1.0, self.deadline.getTime() - self.querier.clock.seconds())
-        self.querier.reactor.connectTCP(
-            server[0], server[1], _TcpFactory(query.to_wire(), answered), remaining
-        )
+        query_id = secrets.randbelow(65536)
+        wire = query_wire(query_id, self.qname, self.rdtype, edns=edns)
+        self.querier.reactor.connectTCP(server[0], server[1], _TcpFactory(wire, answered), remaining)
 
         def parsed(wire: bytes) -> None:
             if self.result.called:
@@ -259,10 +302,10 @@ class _Question:
             except (dns.exception.DNSException, ValueError, UnicodeError) as error:
                 failed(str(error))
                 return
-            if not query.is_response(response):
+            if not self._matches(response, query_id):
                 failed("the answer does not match the question")
                 return
-            self.answered(server, query, response)
+            self.answered(server, edns, response)
 
         def failed(problem: str) -> None:
             if self.result.called:
@@ -337,10 +380,17 @@ class DnsQuerier:
         self.retired: list[_Socket] = []
         self.in_flight: set[_Question] = set()
 
-    def query(self, name: str | dns.name.Name, rdtype: str | int) -> Deferred[dns.message.Message]:
-        """The name servers' answer (NOERROR or NXDOMAIN); `DnsTemporaryError` otherwise."""
-        qname = name if isinstance(name, dns.name.Name) else dns.name.from_text(name)
-        question = _Question(self, qname, dns.rdatatype.RdataType.make(rdtype))
+    def query(self, name: str, rdtype: str | int) -> Deferred[dns.message.Message]:
+        """The name servers' answer (NOERROR or NXDOMAIN); `DnsTemporaryError` otherwise.
+
+        ValueError when `name` cannot be a DNS name (see `wire_name`).
+        """
+        qname = wire_name(name)
+        if qname is None:
+            raise ValueError(f"{name!r} is not a DNS name")
+        question = _Question(
+            self, name.strip().rstrip(".").lower(), qname, dns.rdatatype.RdataType.make(rdtype)
+        )
         self.in_flight.add(question)
         question.send_next()
         return question.result

@@ -52,7 +52,7 @@ from twisted.python.failure import Failure
 
 from gateway.config import ConfigError, DnsConfig
 from gateway.delivery.resolver import DnsTemporaryError, NoSuchDomain, NullMX, mx_answer
-from gateway.filters._dnsquery import DnsQuerier, Server, parse_nameserver
+from gateway.filters._dnsquery import DnsQuerier, Server, parse_nameserver, wire_name
 
 __all__ = [
     "DnsLookups",
@@ -89,16 +89,6 @@ def normal_name(name: str) -> str:
     return name.strip().rstrip(".").lower()
 
 
-def _qname(name: str) -> dns.name.Name | None:
-    """The DNS name, or None when `name` cannot be one (then it does not exist)."""
-    if not name or len(name) > 253:
-        return None
-    try:
-        return dns.name.from_text(name)
-    except (dns.exception.DNSException, UnicodeError, ValueError):
-        return None
-
-
 def reverse_name(address: str) -> str:
     """The PTR name of an IP address: "7.2.0.192.in-addr.arpa", nibbles under ip6.arpa."""
     ip = ipaddress.ip_address(address)
@@ -120,13 +110,13 @@ def _value(rdtype: str, rdata: Any) -> Any:
 
 
 def interpret(
-    response: dns.message.Message, qname: dns.name.Name, rdtype: str, negative_ttl: float = NEGATIVE_TTL
+    response: dns.message.Message, rdtype: str, negative_ttl: float = NEGATIVE_TTL
 ) -> tuple[_Answer, float]:
-    """(answer, seconds it may be cached) from a NOERROR or NXDOMAIN response."""
+    """(answer, seconds it may be cached) from a NOERROR or NXDOMAIN response to one question."""
     if response.rcode() == dns.rcode.NXDOMAIN:
         return _NOT_FOUND, _negative_ttl(response, negative_ttl)
     wanted = dns.rdatatype.from_text(rdtype)
-    name = qname
+    name = response.question[0].name
     ttls: list[float] = []
     for _ in range(_CNAME_HOPS):
         rrset = response.get_rrset(response.answer, name, dns.rdataclass.IN, wanted)
@@ -271,18 +261,17 @@ class DnsLookups(Lookups):
         if waiting is not None:
             waiting.append(result)
             return result
-        qname = _qname(key[0])
-        if qname is None:
-            return succeed(_NOT_FOUND)
+        if wire_name(key[0]) is None:
+            return succeed(_NOT_FOUND)  # no DNS name can be like that
         self._in_flight[key] = [result]
         self.questions += 1
-        asked = self.querier.query(qname, rdtype)
-        asked.addCallbacks(self._answered, self._failed, callbackArgs=(key, qname), errbackArgs=(key,))
+        asked = self.querier.query(key[0], rdtype)
+        asked.addCallbacks(self._answered, self._failed, callbackArgs=(key,), errbackArgs=(key,))
         return result
 
-    def _answered(self, response: dns.message.Message, key: tuple[str, str], qname: dns.name.Name) -> None:
+    def _answered(self, response: dns.message.Message, key: tuple[str, str]) -> None:
         try:
-            answer, ttl = interpret(response, qname, key[1], self.negative_ttl)
+            answer, ttl = interpret(response, key[1], self.negative_ttl)
         except Exception:
             self._failed(Failure(), key)  # type: ignore[no-untyped-call]
             return
@@ -306,6 +295,16 @@ def _log_problem(text: str) -> None:
 
 
 ZoneEntry = Mapping[str, Sequence[Any]] | Exception
+
+
+def _static_value(rdtype: str, value: Any) -> Any:
+    """A zone dict's value in the form `_value` gives a record (names lower case, no dot)."""
+    if rdtype == "PTR":
+        return normal_name(str(value))
+    if rdtype == "MX":
+        preference, host = value
+        return (int(preference), normal_name(str(host)))
+    return str(value)
 
 
 class StaticDnsLookups(Lookups):
@@ -336,11 +335,11 @@ class StaticDnsLookups(Lookups):
 
     def _answer(self, key: str, rdtype: str) -> _Answer:
         entry = self.zone.get(key)
-        if entry is None or _qname(key) is None:
+        if entry is None or wire_name(key) is None:
             return _NOT_FOUND
         if isinstance(entry, Exception):
             raise entry
-        return _Answer(tuple(entry.get(rdtype, ())))
+        return _Answer(tuple(_static_value(rdtype, value) for value in entry.get(rdtype, ())))
 
     def _lookup(self, name: str, rdtype: str) -> Deferred[_Answer]:
         key = normal_name(name)
