@@ -168,4 +168,8 @@ class IAcceptObserver(Interface):
     """Optional for a filter: told about every message once it is queued."""
 
     def message_accepted(request: Any, hits: Any, held: bool) -> None:
-        """`request` is the DATA-stage Request, `hits` every Hit of the transaction."""
+        """`request` is the DATA-stage Request, `hits` every Hit of the transaction.
+
+        An observer may also have ``message_refused(request, hits)``: called when a
+        message of its chain was refused or discarded at the end of data.
+        """

@@ -81,7 +81,11 @@ class Reception:
         self.headers = headers
         filters = list(self.runner.all_filters())
         self.auth_guards = [f for f in filters if IAuthGuard.providedBy(f)]
-        self.accept_observers = [f for f in filters if IAcceptObserver.providedBy(f)]
+        # told about the messages of their own chain only
+        self.accept_observers = {
+            direction: [link.filter for link in links if IAcceptObserver.providedBy(link.filter)]
+            for direction, links in self.runner.chains.items()
+        }
 
     def open_session(
         self, session: Session, counts: Callable[[], dict[str, int]] | None = None
@@ -270,6 +274,7 @@ class SessionChecks:
             reply = refusal(outcome, Stage.DATA)
             if reply is not None:
                 message.abort()
+                self._tell_refused(request)
                 return reply
             return self._queue(request, envelope, message)
 
@@ -312,6 +317,7 @@ class SessionChecks:
         final, notes = self._final_envelope(envelope)
         if discard is not None or (envelope.rcpt_to and not final.rcpt_to):
             message.abort()
+            self._tell_refused(request)
             log.info(
                 "{queue_id}: discarded: from=<{sender}> nrcpt={count}: {reason}",
                 queue_id=queue_id,
@@ -335,7 +341,7 @@ class SessionChecks:
                 count=len(final.rcpt_to),
                 where=f"held: {hold}" if hold is not None else "queue active",
             )
-            for observer in self.reception.accept_observers:
+            for observer in self.reception.accept_observers.get(request.direction, ()):
                 try:
                     observer.message_accepted(attrs.evolve(request, envelope=final), hits, hold is not None)
                 except Exception:
@@ -353,6 +359,18 @@ class SessionChecks:
             return Reply(451, "4.3.0", "Temporary failure: cannot queue the message, try again")
 
         return committed.addCallbacks(queued, failed)
+
+    def _tell_refused(self, request: Request) -> None:
+        """A message was refused or discarded at its end: observers may forget its sender."""
+        hits = tuple((*self.session_level.hits, *self.transaction.hits))
+        for observer in self.reception.accept_observers.get(request.direction, ()):
+            refused = getattr(observer, "message_refused", None)
+            if refused is None:
+                continue
+            try:
+                refused(request, hits)
+            except Exception:
+                log.failure("filter: {name}: message_refused failed", name=getattr(observer, "name", "?"))
 
     def close(self) -> None:
         """The connection is gone: filters that saw it connect are told."""
