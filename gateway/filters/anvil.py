@@ -200,6 +200,8 @@ class _ServerProtocol(LineOnlyReceiver):
 
 
 class _ServerFactory(Factory):
+    noisy = False
+
     def __init__(self, table: AnvilTable) -> None:
         self.table = table
         self.connections: set[_ServerProtocol] = set()
@@ -317,6 +319,8 @@ class _ClientProtocol(LineOnlyReceiver):
 
 
 class _ClientFactory(Factory):
+    noisy = False
+
     def __init__(self, owner: AnvilClient) -> None:
         self.owner = owner
 
