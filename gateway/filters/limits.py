@@ -154,16 +154,13 @@ class Limits:
 
     def _connect(self, session: Session) -> Deferred[Verdict]:
         settings = self.settings
-        key = _key(session)
-        # counted from now: a session that ends while we wait is counted down after this
-        self._counted.add(key)
+        # Counted from now, answer or not: a session that ends while we wait is counted
+        # down after this, and one whose answer failed or came too late for the chain may
+        # still have been counted. Over the socket that is safe: the anvil counts down
+        # only what the same connection counted up (and a lost one's sessions itself).
+        self._counted.add(_key(session))
         asked = self.anvil.connect(session.peer_host, settings.rate_window, settings.error_window)
-
-        def unanswered(failure: Failure) -> Failure:
-            self._counted.discard(key)  # the anvil's end forgets what a lost connection counted
-            return failure
-
-        return asked.addCallbacks(self._judge, unanswered, callbackArgs=(session,))
+        return asked.addCallback(self._judge, session)
 
     def _judge(self, counts: ClientCounts, session: Session) -> Verdict:
         settings = self.settings

@@ -312,14 +312,40 @@ class UnreachableAnvil:
 
 
 def test_without_the_anvil_a_connection_gets_the_failure_verdict() -> None:
-    anvil = UnreachableAnvil()
-    limits, _ = build(anvil=anvil)
+    limits, _ = build(anvil=UnreachableAnvil())
     runner = ChainRunner({Direction.INBOUND: (Link(limits),)}, Clock())
     outcomes: list[Any] = []
     runner.run(Request(Stage.CONNECT, Direction.INBOUND, client())).addCallback(outcomes.append)
-    assert outcomes[0].verdict.action is Action.DEFER  # the default failure verdict
-    limits.session_closed(client(), {})
-    assert anvil.disconnects == 0  # nothing was counted, nothing to count down
+    verdict = outcomes[0].verdict
+    assert (verdict.action, verdict.enhanced) == (Action.DEFER, "4.3.0")  # the default failure verdict
+
+
+class LateAnvil(Anvil):
+    """Counts at once, answers when the test says (a main process under load)."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.answers: list[tuple[Deferred[Any], Any]] = []
+
+    def connect(self, *args: Any) -> Deferred[Any]:
+        answer: Deferred[Any] = Deferred()
+        self.answers.append((answer, self.table.connect(*args)))
+        return answer
+
+
+def test_a_session_counted_after_its_check_timed_out_is_still_counted_down() -> None:
+    anvil = LateAnvil(Clock())
+    limits, _ = build(anvil=anvil)
+    chain_clock = Clock()
+    runner = ChainRunner({Direction.INBOUND: (Link(limits, timeout=2.0),)}, chain_clock)
+    outcomes: list[Any] = []
+    runner.run(Request(Stage.CONNECT, Direction.INBOUND, client())).addCallback(outcomes.append)
+    chain_clock.advance(2)
+    assert outcomes[0].verdict.action is Action.DEFER  # timed out: the failure verdict
+    answer, counts = anvil.answers[0]
+    answer.callback(counts)  # too late, but the anvil counted the session
+    limits.session_closed(client(), {"errors": 1})
+    assert anvil.table.sessions == 0
 
 
 def test_without_the_anvil_auth_is_refused_for_now() -> None:
