@@ -21,7 +21,8 @@ The socket speaks one ASCII line per request and one per answer, in order::
     (anything else)                                ->  ERR <why>
 
 The client reconnects by itself (the main process restarted its socket, say); a
-request the anvil cannot answer fails with `AnvilUnavailable`, which the chain
+request the anvil cannot answer fails with `AnvilUnavailable` (`AnvilNotAsked`
+when it never left the worker), which the chain
 runner turns into the filter's failure verdict (DEFER unless configured
 otherwise): the limits are never silently skipped. The server counts down the
 sessions a client connection counted up when that connection ends (a worker
@@ -54,6 +55,7 @@ __all__ = [
     "Anvil",
     "AnvilClient",
     "AnvilError",
+    "AnvilNotAsked",
     "AnvilServer",
     "AnvilTable",
     "AnvilUnavailable",
@@ -79,6 +81,10 @@ class AnvilError(Exception):
 
 class AnvilUnavailable(AnvilError):
     """The anvil could not be asked: its socket is gone, or it did not answer in time."""
+
+
+class AnvilNotAsked(AnvilUnavailable):
+    """The request never left this process, so the anvil counted nothing for it."""
 
 
 class IAnvil(Interface):
@@ -372,7 +378,7 @@ class AnvilClient:
 
     def _call(self, verb: str, client: str, rest: str, parse: Callable[[list[str]], T]) -> Deferred[T]:
         if not client.isascii() or not client.isprintable() or " " in client or not 0 < len(client) <= 64:
-            return fail(AnvilError(f"cannot ask the anvil about client {client[:64]!r}"))
+            return fail(AnvilNotAsked(f"cannot ask the anvil about client {client[:64]!r}"))
         line = f"{verb} {client} {rest}".encode("ascii")
         pending = _Pending(line, parse, Deferred())
         pending.timer = self.reactor.callLater(self.timeout, self._timed_out, pending)
@@ -416,7 +422,7 @@ class AnvilClient:
             )
         queued, self._queued = self._queued, []
         for pending in queued:
-            self._fail(pending, AnvilUnavailable(f"cannot reach the anvil at {self.path}"))
+            self._fail(pending, AnvilNotAsked(f"cannot reach the anvil at {self.path}"))
 
     def _lost(self, protocol: _ClientProtocol, reason: Failure) -> None:
         if self.protocol is protocol:
@@ -426,12 +432,16 @@ class AnvilClient:
 
     def _timed_out(self, pending: _Pending) -> None:
         pending.timer = None
-        if pending in self._queued:
-            self._queued.remove(pending)
-        elif pending.sent and self.protocol is not None:
+        problem = f"no answer from the anvil in {self.timeout:g} s"
+        if not pending.sent:
+            if pending in self._queued:
+                self._queued.remove(pending)
+            self._fail(pending, AnvilNotAsked(problem))
+            return
+        self._fail(pending, AnvilUnavailable(problem))
+        if self.protocol is not None:
             # answers come in order: with one missing, the rest would be misread
             self.protocol.transport.abortConnection()  # type: ignore[union-attr]
-        self._fail(pending, AnvilUnavailable(f"no answer from the anvil in {self.timeout:g} s"))
 
     def _settle(self, pending: _Pending, result: Any) -> None:
         if self._stop_timer(pending):

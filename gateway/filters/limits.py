@@ -49,7 +49,7 @@ from zope.interface import implementer
 
 from gateway.config import Section
 from gateway.filters import FilterServices, Request
-from gateway.filters.anvil import HORIZON, AuthState, ClientCounts, IAnvil
+from gateway.filters.anvil import HORIZON, AnvilNotAsked, AuthState, ClientCounts, IAnvil
 from gateway.interfaces import IAuthGuard, IFilter, ISessionObserver
 from gateway.model import CONTINUE, Session, Stage, Verdict
 
@@ -154,13 +154,20 @@ class Limits:
 
     def _connect(self, session: Session) -> Deferred[Verdict]:
         settings = self.settings
-        # Counted from now, answer or not: a session that ends while we wait is counted
-        # down after this, and one whose answer failed or came too late for the chain may
-        # still have been counted. Over the socket that is safe: the anvil counts down
-        # only what the same connection counted up (and a lost one's sessions itself).
-        self._counted.add(_key(session))
+        key = _key(session)
+        # Counted from now: a session that ends while we wait is counted down after
+        # this, and one whose answer failed or came too late for the chain may still
+        # have been counted. That is safe over the socket: the anvil counts down only
+        # what the same connection counted up (and a lost connection's sessions itself).
+        self._counted.add(key)
         asked = self.anvil.connect(session.peer_host, settings.rate_window, settings.error_window)
-        return asked.addCallback(self._judge, session)
+
+        def unanswered(failure: Failure) -> Failure:
+            if isinstance(failure.value, AnvilNotAsked):
+                self._counted.discard(key)  # nothing was counted: nothing to count down
+            return failure
+
+        return asked.addCallbacks(self._judge, unanswered, callbackArgs=(session,))
 
     def _judge(self, counts: ClientCounts, session: Session) -> Verdict:
         settings = self.settings

@@ -18,7 +18,7 @@ from zope.interface.verify import verifyObject
 
 from gateway import config as configuration
 from gateway.filters import FilterServices, Request
-from gateway.filters.anvil import Anvil, AnvilUnavailable
+from gateway.filters.anvil import Anvil, AnvilNotAsked
 from gateway.filters.chain import ChainRunner, Link
 from gateway.filters.limits import Limits
 from gateway.filters.testing import StaticFilter
@@ -296,28 +296,31 @@ def test_successes_wait_nothing_and_relay_networks_are_never_locked_out() -> Non
 
 
 class UnreachableAnvil:
-    """The main process is gone: every question fails."""
+    """The main process is gone: every question fails without leaving the worker."""
 
     def __init__(self) -> None:
         self.disconnects = 0
 
     def connect(self, *args: Any) -> Deferred[Any]:
-        return fail(AnvilUnavailable("cannot reach the anvil at /x/anvil.sock"))
+        return fail(AnvilNotAsked("cannot reach the anvil at /x/anvil.sock"))
 
     def disconnect(self, *args: Any) -> Deferred[Any]:
         self.disconnects += 1
-        return fail(AnvilUnavailable("cannot reach the anvil"))
+        return fail(AnvilNotAsked("cannot reach the anvil"))
 
     auth_status = auth_failed = connect
 
 
 def test_without_the_anvil_a_connection_gets_the_failure_verdict() -> None:
-    limits, _ = build(anvil=UnreachableAnvil())
+    anvil = UnreachableAnvil()
+    limits, _ = build(anvil=anvil)
     runner = ChainRunner({Direction.INBOUND: (Link(limits),)}, Clock())
     outcomes: list[Any] = []
     runner.run(Request(Stage.CONNECT, Direction.INBOUND, client())).addCallback(outcomes.append)
     verdict = outcomes[0].verdict
     assert (verdict.action, verdict.enhanced) == (Action.DEFER, "4.3.0")  # the default failure verdict
+    limits.session_closed(client(), {})
+    assert anvil.disconnects == 0  # nothing was counted, so nothing is counted down
 
 
 class LateAnvil(Anvil):
