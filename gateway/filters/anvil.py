@@ -163,9 +163,7 @@ class _ServerProtocol(LineOnlyReceiver):
             answer = self._answer(line.decode("ascii").split())
         except (ValueError, UnicodeDecodeError) as error:
             answer = f"ERR {error}".replace("\n", " ")
-        self.sendLine(  # type: ignore[no-untyped-call]
-            answer.encode("ascii", "replace")
-        )
+        self.sendLine(answer.encode("ascii", "replace"))  # type: ignore[no-untyped-call]
 
     def _answer(self, words: list[str]) -> str:
         verb, arguments = (words[0], words[1:]) if words else ("", [])
@@ -294,9 +292,7 @@ class _ClientProtocol(LineOnlyReceiver):
     def send(self, pending: _Pending) -> None:
         pending.sent = True
         self.pending.append(pending)
-        self.sendLine(  # type: ignore[no-untyped-call]
-            pending.line
-        )
+        self.sendLine(pending.line)  # type: ignore[no-untyped-call]
 
     def lineReceived(self, line: bytes) -> None:
         if not self.pending:
