@@ -31,6 +31,7 @@ from gateway.delivery.manager import QueueManager
 from gateway.delivery.router import Router
 from gateway.delivery.transports import ThreadPoolService, Transports
 from gateway.queue.spool import DirectorySpool
+from gateway.filters.anvil import AnvilServer, anvil_socket_path, process_anvil
 from gateway.filters.reload import SighupReload, reloader
 from gateway.reception import Reception
 from gateway.smtp.auth import CredentialsError, FileCredentials
@@ -74,6 +75,8 @@ class GatewayService(MultiService):
             for child in self:
                 if isinstance(child, SmtpWorkers):
                     child.drop_privileges = True
+                elif isinstance(child, AnvilServer):
+                    child.owner = (account.uid, account.gid)  # the workers connect as the user
         # binds the listeners and the control socket, starts the SMTP workers (which
         # become the user themselves: the interpreter may be where only root can read)
         super().privilegedStartService()
@@ -242,6 +245,9 @@ def make_service(
         # the listeners are served by worker processes; this one delivers. Check what
         # they will load (and make the self-signed certificate) once, here, first.
         smtp_factory_maker(cfg, reception, reactor)
+        # the workers count sessions per client in this process's anvil ("limits"):
+        # its socket is bound before they start (the children start in order)
+        AnvilServer(anvil_socket_path(cfg), process_anvil(reactor), reactor).setServiceParent(top)
         workers = SmtpWorkers(
             cfg.smtp.workers, config_path, [lst.endpoint for lst in cfg.smtp.listeners], manager.wake, reactor
         )
