@@ -3,7 +3,8 @@
 `Rbldnsd` serves zones given as {zone: (dataset type, data text)}, each from its own file in
 a fresh directory that rbldnsd chroots into: "ip4set" for IP lists (DNSBL/DNSWL), "dnset" for
 domain lists (RHSBL), "generic" for plain A/TXT/MX records (rbldnsd serves no PTR or AAAA:
-use peers.NsdServer for those). `update()` rewrites one zone and has rbldnsd reload it.
+use peers.NsdServer for those). `update()` rewrites one zone and has rbldnsd reload it;
+`queries()` lists the questions it has answered (its query log).
 
 `SilentUdpServer` binds a UDP port and never answers: a name server that has gone quiet.
 
@@ -57,6 +58,24 @@ class Rbldnsd(Peer):
         """ "127.0.0.1:PORT", as [dns] nameservers takes it."""
         return self.hostport
 
+    @property
+    def query_log_path(self) -> str:
+        return os.path.join(self.directory, "queries.log")
+
+    def queries(self) -> list[tuple[str, str]]:
+        """(name, type) of every question answered so far, in order."""
+        try:
+            with open(self.query_log_path, errors="replace") as handle:
+                lines = handle.read().splitlines()
+        except FileNotFoundError:
+            return []
+        found = []
+        for line in lines:
+            fields = line.split()  # "<time> <client ip> <name> <type> IN: <rcode>/<n>/<size>"
+            if len(fields) >= 4:
+                found.append((fields[2].lower(), fields[3]))
+        return found
+
     def _choose_port(self) -> int:
         return free_port(self.host, udp=True)
 
@@ -69,6 +88,8 @@ class Rbldnsd(Peer):
         _write(os.path.join(self.directory, self._file(zone)), "\n".join(lines) + "\n")
 
     def _start(self, timeout: float) -> None:
+        # the query log is opened after the chroot, as `nobody`: it must exist and be writable
+        _write(self.query_log_path, "", 0o666)
         specs = []
         for zone, (kind, _) in self.zones.items():
             self._write_zone(zone)
@@ -81,6 +102,7 @@ class Rbldnsd(Peer):
             "-r", self.directory,  # chroot: the data files are named relative to it
             "-t", str(self.ttl),
             "-c", "0",  # no timed reload checks: update() sends SIGHUP
+            "-l", "+/queries.log",  # unbuffered, inside the chroot
             *specs,
         ]  # fmt: skip
         self._daemon = _Daemon(argv, self.log_path)

@@ -53,6 +53,7 @@ class DnsLookupsContract:
     """What every DnsLookups must do; subclasses say how to build one over ZONE."""
 
     lookups: Any
+    broken = "broken.test"  # a name whose server fails (SERVFAIL, REFUSED)
 
     async def test_dnsbl_a_lookup_listed(self) -> None:
         assert await self.lookups.a("2.0.0.127.bl.test") == ["127.0.0.2"]
@@ -64,7 +65,7 @@ class DnsLookupsContract:
 
     async def test_dnsbl_a_lookup_servfail_is_temporary(self) -> None:
         with pytest.raises(DnsTemporaryError):
-            await self.lookups.a("broken.test")
+            await self.lookups.a(self.broken)
 
     async def test_addresses_ipv4_first(self) -> None:
         assert await self.lookups.addresses("mx1.example.test") == ["192.0.2.1", "2001:db8::1"]
@@ -79,7 +80,7 @@ class DnsLookupsContract:
 
     async def test_addresses_servfail_is_temporary(self) -> None:
         with pytest.raises(DnsTemporaryError):
-            await self.lookups.addresses("broken.test")
+            await self.lookups.addresses(self.broken)
 
     async def test_names_ignore_case_and_trailing_dot(self) -> None:
         assert await self.lookups.addresses("MX2.Example.TEST.") == ["192.0.2.2"]

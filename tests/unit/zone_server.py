@@ -15,6 +15,7 @@ the dict is NXDOMAIN (with a SOA, whose minimum is `negative_ttl`, unless `soa` 
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 from collections.abc import Callable, Container, Mapping
 from typing import Any
@@ -120,18 +121,37 @@ class ZoneServer(DatagramProtocol):
         self.received = 0
         self.udp: Any = None
         self.tcp: Any = None
+        self.later: list[Any] = []  # delayed answers (IDelayedCall)
 
     def listen(self, interface: str = "127.0.0.1") -> str:
         """Start on a free port (UDP and TCP); returns "127.0.0.1:PORT"."""
         self.udp = self.reactor.listenUDP(0, self, interface=interface)
+        self._grow_receive_buffer()
         port = self.udp.getHost().port
         factory = Factory.forProtocol(lambda: _TcpServer(self.zone))
         self.tcp = self.reactor.listenTCP(port, factory, interface=interface)
         return f"{interface}:{port}"
 
+    def _grow_receive_buffer(self) -> None:
+        """Room for a burst of a thousand questions: the kernel's default holds a few hundred."""
+        sock = getattr(self.udp, "socket", None)
+        if sock is None:
+            return
+        for option in (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF):
+            if option is None:
+                continue
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, 4 * 1024 * 1024)
+                return
+            except OSError:
+                continue  # SO_RCVBUFFORCE needs root; SO_RCVBUF is capped by net.core.rmem_max
+
     def stop(self) -> Any:
         from twisted.internet.defer import gatherResults, maybeDeferred
 
+        for call in self.later:
+            if call.active():
+                call.cancel()
         return gatherResults([maybeDeferred(port.stopListening) for port in (self.udp, self.tcp) if port])
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
@@ -143,7 +163,8 @@ class ZoneServer(DatagramProtocol):
         wire = self.zone.answer(query).to_wire()
         delay = self.delay(name)
         if delay:
-            self.reactor.callLater(delay, self._send, wire, addr)
+            self.later = [call for call in self.later if call.active()]
+            self.later.append(self.reactor.callLater(delay, self._send, wire, addr))
         else:
             self._send(wire, addr)
 
