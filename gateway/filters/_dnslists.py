@@ -158,12 +158,13 @@ class Score:
 class DnsLists:
     """Looks a name up in every zone of some sites at once and scores the answers."""
 
-    def __init__(self, sites: Sequence[Site], dns: Lookups, log: Logger, *, txt: bool) -> None:
+    def __init__(self, sites: Sequence[Site], dns: Lookups, log: Logger, *, txt: bool, owner: Any) -> None:
         self.sites = tuple(sites)
         self.zones = tuple(dict.fromkeys(site.zone for site in sites))
         self.dns = dns
         self.log = log
         self.txt = txt
+        self.owner = owner  # the filter, whose (instance) name the log lines carry
 
     def score(self, name: str, *, threshold: int | None = None) -> Deferred[Score]:
         """The Score of `name` (a reversed IP or a domain); never fails.
@@ -186,8 +187,9 @@ class DnsLists:
                 errors = [a for a in result if _is_error_code(a)]
                 if errors:
                     self.log.warn(
-                        "dnsbl: {zone} answered {answer} for {name}: an error code, not a listing "
+                        "filter: {filter}: {zone} answered {answer} for {name}: an error code, not a listing "
                         "(the list refuses queries from this resolver; see its usage terms)",
+                        filter=self.owner.name,
                         zone=zone,
                         answer=errors[0],
                         name=name,
@@ -195,7 +197,8 @@ class DnsLists:
             else:
                 failed.append(zone)
                 self.log.warn(
-                    "dnsbl: lookup of {name} in {zone} failed ({error}); counted as not listed",
+                    "filter: {filter}: lookup of {name} in {zone} failed ({error}); counted as not listed",
+                    filter=self.owner.name,
                     name=name,
                     zone=zone,
                     error=_describe(result),

@@ -99,7 +99,7 @@ class Dnsbl:
         txt: bool = True,
     ) -> None:
         self.sites = sites
-        self.lists = DnsLists(sites, dns, log, txt=txt)
+        self.lists = DnsLists(sites, dns, log, txt=txt, owner=self)
         self.threshold = threshold
         self.whitelist_threshold = whitelist_threshold
         self.action = action
@@ -142,7 +142,8 @@ class Dnsbl:
             return verdict
         if score.listings:
             log.info(
-                "filter: {name} [{client}] listed by {listed}: score {score} under threshold {threshold}",
+                "filter: {name}: client [{client}] listed by {listed}: "
+                "score {score} under threshold {threshold}",
                 name=self.name,
                 client=client,
                 listed=", ".join(listing.describe() for listing in score.listings),

@@ -51,7 +51,7 @@ class Rhsbl:
         check_helo: bool = False,
     ) -> None:
         self.sites = sites
-        self.lists = DnsLists(sites, dns, log, txt=txt)
+        self.lists = DnsLists(sites, dns, log, txt=txt, owner=self)
         self.threshold = threshold
         self.whitelist_threshold = whitelist_threshold
         self.action = action

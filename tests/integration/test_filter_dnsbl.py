@@ -1,0 +1,226 @@
+"""The DNS filters in the real gateway, against a real rbldnsd: swaks sessions from 127.x
+clients that are listed, unlisted, allow-listed, or listed by several zones at once; a listed
+sender domain (rhsbl), a sender domain that does not exist (sender-domain), and a HELO that
+claims to be the gateway (helo)."""
+
+from __future__ import annotations
+
+import email
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.integration.gateway import GatewayProcess, free_port, maildir_messages, wait_until
+from tests.integration.peer_rbldnsd import Rbldnsd
+from tests.integration.peers import require_program, require_root
+
+pytestmark = pytest.mark.integration
+
+ZONES = {
+    # the block lists: 127.0.0.2 on zen; 127.0.0.4 on zen and bl2; 127.0.0.5 on bl2 only
+    "zen.test": ("ip4set", """
+        :127.0.0.2:Listed by zen.test, see https://zen.test/query/$
+        127.0.0.2
+        127.0.0.4 :127.0.0.4:
+        127.0.0.6
+    """),
+    "bl2.test": ("ip4set", """
+        127.0.0.4
+        127.0.0.5
+    """),
+    # the allow list (DNSWL style answers): 127.0.0.6 is on zen too, but trusted here
+    "wl.test": ("ip4set", """
+        :127.0.10.2:
+        127.0.0.6
+    """),
+    # a list the second dnsbl instance asks at RCPT
+    "rcpt-bl.test": ("ip4set", "127.0.0.7"),
+    # sender domains
+    "dbl.test": ("dnset", ":127.0.1.2:Spam domain $\nspammer.gen.test"),
+    "gen.test": ("generic", """
+        good MX 10 mail.good.gen.test
+        mail.good A 192.0.2.10
+        spammer MX 10 mail.good.gen.test
+    """),
+}  # fmt: skip
+
+
+def config(tmp: str, port: int, nameserver: str) -> str:
+    return f"""
+        [gateway]
+        hostname = "gw.test"
+        state_dir = "{tmp}/state"
+        user = ""
+        [smtp]
+        workers = 1
+        [[smtp.listeners]]
+        endpoint = "tcp:{port}:interface=127.0.0.1"
+        role = "inbound"
+        [relay]
+        domains = ["example.com"]
+        networks = ["127.0.0.1/32"]
+        [[routes]]
+        match = "*"
+        transport = "maildir:{tmp}/mail/{{domain}}/{{local}}/"
+        [delivery]
+        queue_scan_interval = "1s"
+        [dns]
+        nameservers = ["{nameserver}"]
+        timeout = "3s"
+        [filters]
+        inbound = ["helo", "dnsbl", "dnsbl-rcpt", "rhsbl", "sender-domain"]
+        [filters.dnsbl]
+        # down.example: a list rbldnsd does not serve (REFUSED), as a list that is down
+        zones = ["zen.test=127.0.0.[2..11]*3", "bl2.test*1", "wl.test=127.0.[0..255].[1..3]*-5",
+                 "down.example*5"]
+        threshold = 3
+        whitelist_threshold = -1
+        [filters.dnsbl-rcpt]
+        filter = "dnsbl"
+        zones = ["rcpt-bl.test"]
+        stage = "rcpt"
+        [filters.rhsbl]
+        zones = ["dbl.test"]
+    """
+
+
+@pytest.fixture(scope="module")
+def rbldnsd() -> Iterator[Rbldnsd]:
+    require_program("rbldnsd")
+    require_root()
+    peer = Rbldnsd(ZONES)
+    peer.start()
+    yield peer
+    peer.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(rbldnsd: Rbldnsd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    require_program("swaks")
+    tmp = str(tmp_path_factory.mktemp("gateway"))
+    port = free_port()
+    process = GatewayProcess(tmp, config(tmp, port, rbldnsd.nameserver), port)
+    process.start()
+    yield process
+    process.stop()
+
+
+def send(swaks: Callable[..., Any], gateway: GatewayProcess, client: str, tag: str, **options: str) -> Any:
+    # 127.0.0.1 is in relay.networks (the outbound chain); every other 127.x is the Internet
+    return swaks(
+        "--from", options.get("sender", "friend@good.gen.test"), "--to", "bob@example.com",
+        "--ehlo", options.get("helo", "client.good.gen.test"), "--local-interface", client,
+        "--header", f"Message-Id: <{tag}@client.test>",
+        server=("127.0.0.1", gateway.smtp_port),
+    )  # fmt: skip
+
+
+def delivered(gateway: GatewayProcess, tag: str) -> bool:
+    path = os.path.join(gateway.directory, "mail", "example.com", "bob")
+    ids = [email.message_from_bytes(raw)["Message-Id"] for raw in maildir_messages(path)]
+    return f"<{tag}@client.test>" in ids
+
+
+def message(gateway: GatewayProcess, tag: str) -> email.message.Message:
+    path = os.path.join(gateway.directory, "mail", "example.com", "bob")
+    for raw in maildir_messages(path):
+        parsed = email.message_from_bytes(raw)
+        if parsed["Message-Id"] == f"<{tag}@client.test>":
+            return parsed
+    raise AssertionError(f"{tag} was not delivered")
+
+
+def test_a_listed_client_gets_554_naming_the_zone_instead_of_the_banner(
+    gateway: GatewayProcess, rbldnsd: Rbldnsd, swaks: Any
+) -> None:
+    refused = send(swaks, gateway, "127.0.0.2", "listed")
+    reply = (
+        "554 5.7.1 Service unavailable; client [127.0.0.2] blocked using zen.test; "
+        "Listed by zen.test, see https://zen.test/query/127.0.0.2"
+    )
+    assert reply in refused.transcript
+    assert "220 " not in refused.transcript
+    assert refused.returncode != 0
+    gateway.wait_for_log(
+        "filter: dnsbl reject at connect [127.0.0.2]: Service unavailable; client [127.0.0.2]"
+    )
+    assert ("2.0.0.127.zen.test", "TXT") in rbldnsd.queries()
+
+
+def test_an_unlisted_client_is_delivered_and_a_list_that_is_down_is_logged(
+    gateway: GatewayProcess, swaks: Any
+) -> None:
+    accepted = send(swaks, gateway, "127.0.0.3", "unlisted")
+    assert accepted.returncode == 0, accepted.transcript
+    wait_until(lambda: delivered(gateway, "unlisted"))
+    gateway.wait_for_log("filter: dnsbl: lookup of 3.0.0.127 in down.example failed")
+
+
+def test_three_zones_asked_at_once_and_their_weights_add_up(
+    gateway: GatewayProcess, rbldnsd: Rbldnsd, swaks: Any
+) -> None:
+    refused = send(swaks, gateway, "127.0.0.4", "two-lists")  # zen 3 + bl2 1
+    assert (
+        "554 5.7.1 Service unavailable; client [127.0.0.4] blocked using zen.test, bl2.test"
+        in refused.transcript
+    )
+    asked = {name for name, rdtype in rbldnsd.queries() if rdtype == "A"}
+    assert {"4.0.0.127.zen.test", "4.0.0.127.bl2.test", "4.0.0.127.wl.test"} <= asked
+
+    under = send(swaks, gateway, "127.0.0.5", "one-small-list")  # bl2 only: 1 < 3
+    assert under.returncode == 0, under.transcript
+    wait_until(lambda: delivered(gateway, "one-small-list"))
+    gateway.wait_for_log("[127.0.0.5] listed by bl2.test=127.0.0.2*1: score 1 under threshold 3")
+
+
+def test_an_allow_listed_client_passes_although_a_block_list_has_it(
+    gateway: GatewayProcess, swaks: Any
+) -> None:
+    accepted = send(swaks, gateway, "127.0.0.6", "allow-listed")  # zen 3, wl -5: -2 <= -1
+    assert accepted.returncode == 0, accepted.transcript
+    wait_until(lambda: delivered(gateway, "allow-listed"))
+    gateway.wait_for_log(
+        "filter: dnsbl accept at connect [127.0.0.6]: client [127.0.0.6] allowed by wl.test (score -2)"
+    )
+
+
+def test_at_rcpt_the_log_shows_sender_and_recipient(gateway: GatewayProcess, swaks: Any) -> None:
+    refused = send(swaks, gateway, "127.0.0.7", "rcpt-listed")
+    assert (
+        "554 5.7.1 Service unavailable; client [127.0.0.7] blocked using rcpt-bl.test" in refused.transcript
+    )
+    assert "220 " in refused.transcript  # the banner came: this instance asks at RCPT
+    assert refused.returncode == 24  # swaks: RCPT refused
+    gateway.wait_for_log(
+        "filter: dnsbl-rcpt reject at rcpt [127.0.0.7] from=<friend@good.gen.test> to=<bob@example.com>"
+    )
+
+
+def test_a_listed_sender_domain_and_a_missing_one_are_refused_at_mail(
+    gateway: GatewayProcess, swaks: Any
+) -> None:
+    listed = send(swaks, gateway, "127.0.0.3", "rhsbl", sender="promo@spammer.gen.test")
+    assert (
+        "554 5.7.1 Service unavailable; sender domain [spammer.gen.test] blocked using dbl.test; "
+        "Spam domain spammer.gen.test" in listed.transcript
+    )
+    assert listed.returncode == 23  # swaks: MAIL refused
+    missing = send(swaks, gateway, "127.0.0.3", "no-domain", sender="someone@missing.gen.test")
+    assert (
+        "550 5.1.8 <someone@missing.gen.test>: Sender address rejected: Domain not found"
+        in missing.transcript
+    )
+    assert missing.returncode == 23
+    gateway.wait_for_log("filter: sender-domain reject at mail [127.0.0.3] from=<someone@missing.gen.test>")
+
+
+def test_a_helo_claiming_to_be_the_gateway_is_refused(gateway: GatewayProcess, swaks: Any) -> None:
+    forged = send(swaks, gateway, "127.0.0.3", "forged-helo", helo="gw.test")
+    assert (
+        "550 5.7.1 <gw.test>: Helo command rejected: that is this server's name or address"
+        in forged.transcript
+    )
+    assert forged.returncode != 0
+    assert not delivered(gateway, "forged-helo")
