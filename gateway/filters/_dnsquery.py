@@ -103,6 +103,8 @@ def _family(server: Server) -> int:
 class _Socket(DatagramProtocol):
     """One UDP socket of the pool: the questions that went out on it, by id."""
 
+    noisy = False  # sockets come and go: not worth a log line each
+
     def __init__(self, querier: DnsQuerier, family: int) -> None:
         self.querier = querier
         self.family = family
@@ -159,6 +161,8 @@ class _TcpAnswer(Protocol):
 
 
 class _TcpFactory(ClientFactory):
+    noisy = False
+
     def __init__(self, wire: bytes, answered: Deferred[bytes]) -> None:
         self.wire = wire
         self.answered = answered
