@@ -193,7 +193,8 @@ class _Question:
         clock = querier.clock
         self.deadline = clock.callLater(querier.timeout, self._timed_out)
         self.retry: Any = None  # IDelayedCall
-        self.tcp = False
+        self.tcp = False  # asking over TCP: no UDP retransmissions meanwhile
+        self.connector: Any = None  # the TCP connection's IConnector
 
     def describe(self) -> str:
         return f"{self.name}/{dns.rdatatype.to_text(dns.rdatatype.RdataType.make(self.rdtype))}"
@@ -268,7 +269,8 @@ class _Question:
         sock.release(query_id)
         del self.sent[sock, query_id]
         if response.flags & dns.flags.TC:
-            self._ask_over_tcp(server, edns)
+            if not self.tcp:
+                self._ask_over_tcp(server, edns)
             return
         self.answered(server, edns, response)
 
@@ -296,7 +298,9 @@ class _Question:
         remaining = max(1.0, self.deadline.getTime() - self.querier.clock.seconds())
         query_id = secrets.randbelow(65536)
         wire = query_wire(query_id, self.qname, self.rdtype, edns=edns)
-        self.querier.reactor.connectTCP(server[0], server[1], _TcpFactory(wire, answered), remaining)
+        self.connector = self.querier.reactor.connectTCP(
+            server[0], server[1], _TcpFactory(wire, answered), remaining
+        )
 
         def parsed(wire: bytes) -> None:
             if self.result.called:
@@ -315,6 +319,7 @@ class _Question:
             if self.result.called:
                 return
             self.tcp = False
+            self.connector = None
             self.failed.add(server)
             self.querier.log_problem(
                 f"TCP to {server[0]}:{server[1]} for {self.describe()} failed: {problem}"
@@ -343,6 +348,9 @@ class _Question:
         for call in (self.retry, self.deadline):
             if call is not None and call.active():
                 call.cancel()
+        if self.connector is not None:
+            self.connector.disconnect()  # a TCP answer still coming is not wanted any more
+            self.connector = None
         self.querier._done(self)
         if isinstance(outcome, Exception):
             self.result.errback(outcome)

@@ -154,6 +154,13 @@ class FakeUdpPort:
         self.closed = True
 
 
+class FakeConnector:
+    disconnected = False
+
+    def disconnect(self) -> None:
+        self.disconnected = True
+
+
 class FakeNetwork(Clock):
     """A Clock whose UDP sockets record what is sent; the test plays the name servers."""
 
@@ -174,8 +181,9 @@ class FakeNetwork(Clock):
 
     def connectTCP(
         self, host: str, port: int, factory: Any, timeout: float = 30, bindAddress: Any = None
-    ) -> None:
+    ) -> FakeConnector:
         self.tcp.append((host, port, factory, timeout))
+        return FakeConnector()
 
     def sent(self) -> list[tuple[FakeUdpPort, dns.message.Message, tuple[str, int]]]:
         return [(port, dns.message.from_wire(datagram), addr) for port, datagram, addr in self.written]
@@ -361,6 +369,20 @@ class QuerierTests(SynchronousTestCase):
         assert not answer.called
         protocol.dataReceived(wire[10:])
         assert result_of(answer) == ["127.0.0.2"]
+
+    def test_a_tcp_question_that_hangs_is_given_up_at_the_deadline(self) -> None:
+        self.zone.truncate = {"2.0.0.127.bl.test"}
+        lookups = self.lookups(timeout=5.0)
+        answer = lookups.a("2.0.0.127.bl.test")
+        self.network.answer(self.zone)
+        [(_, _, _, connect_timeout)] = self.network.tcp
+        assert connect_timeout <= 5.0
+        [question] = lookups.querier.in_flight
+        connector = question.connector
+        self.network.advance(5)
+        with pytest.raises(DnsTemporaryError, match="no answer within 5 s"):
+            result_of(answer)
+        assert connector.disconnected
 
     def test_a_thousand_lookups_against_a_silent_server_wait_side_by_side(self) -> None:
         lookups = self.lookups(timeout=5.0)
