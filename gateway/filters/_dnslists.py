@@ -89,10 +89,14 @@ def _parse_filter(text: str, pattern: str) -> tuple[frozenset[int], ...]:
     return tuple(octets)
 
 
-def read_sites(options: Section, key: str = "zones") -> tuple[Site, ...]:
-    """The zones option: at least one site, each well formed (errors name the key)."""
+def read_sites(options: Section, services: Any, key: str = "zones") -> tuple[Site, ...]:
+    """The zones option: each site well formed, and at least one if a chain uses the filter.
+
+    A table no chain uses (the documented example, a filter switched off) may
+    leave the zones empty: the registry only checks its keys.
+    """
     texts = options.strings(key, ())
-    if not texts:
+    if not texts and _in_a_chain(options, services):
         raise options.error(key, 'no zones: list at least one, like ["zen.spamhaus.org=127.0.0.[2..11]*3"]')
     sites = []
     for text in texts:
@@ -101,6 +105,12 @@ def read_sites(options: Section, key: str = "zones") -> tuple[Site, ...]:
         except ValueError as error:
             raise options.error(key, str(error)) from None
     return tuple(sites)
+
+
+def _in_a_chain(options: Section, services: Any) -> bool:
+    name = options.path.removeprefix("filters.")
+    chains = services.config.filters
+    return any(name in getattr(chains, direction) for direction in ("inbound", "outbound", "fetched"))
 
 
 def read_thresholds(options: Section) -> tuple[int, int]:

@@ -107,7 +107,7 @@ class Dnsbl:
 
     @classmethod
     def from_config(cls, options: Section, services: FilterServices) -> Dnsbl:
-        sites = read_sites(options)
+        sites = read_sites(options, services)
         threshold, whitelist_threshold = read_thresholds(options)
         action = options.choice("action", ACTIONS, "reject")
         stage = STAGES[options.choice("stage", tuple(STAGES), "connect")]

@@ -60,7 +60,7 @@ class Rhsbl:
 
     @classmethod
     def from_config(cls, options: Section, services: FilterServices) -> Rhsbl:
-        sites = read_sites(options)
+        sites = read_sites(options, services)
         threshold, whitelist_threshold = read_thresholds(options)
         action = options.choice("action", ACTIONS, "reject")
         txt = options.take("txt", bool, True)

@@ -57,3 +57,15 @@ def test_the_fragment_is_a_working_config(name: str) -> None:
         cfg, FilterServices(cfg, Clock(), dns=StaticDnsLookups({}), anvil=object(), store=object())
     )
     assert [link.name for link in runner.chains[Direction.INBOUND]] == [name]
+
+
+@pytest.mark.parametrize("name", ["dnsbl", "rhsbl"])
+def test_zones_may_be_empty_only_where_no_chain_uses_the_filter(name: str) -> None:
+    text = f"[filters.{name}]\nzones = []\n"
+    cfg = configuration.parse(text, "mailgate.toml", base_dir="/")
+    build_runner(cfg, FilterServices(cfg, Clock(), dns=StaticDnsLookups({}), anvil=object(), store=object()))
+    used = configuration.parse(f'[filters]\noutbound = ["{name}"]\n{text}', "mailgate.toml", base_dir="/")
+    with pytest.raises(configuration.ConfigError, match=f"line 4: filters.{name}.zones: no zones"):
+        build_runner(
+            used, FilterServices(used, Clock(), dns=StaticDnsLookups({}), anvil=object(), store=object())
+        )
