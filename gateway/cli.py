@@ -125,6 +125,7 @@ def print_show(shown: dict[str, Any]) -> None:
 
 
 def config_check(cfg: configuration.Config) -> None:
+    build_chains(cfg)  # the filters' options too: a bad one is found before a restart
     print(f"{cfg.source}: configuration is valid")
     for key, value in configuration.non_defaults(cfg):
         print(f"{key} = {json.dumps(value) if not isinstance(value, str) else value}")
@@ -141,17 +142,24 @@ class _NotConnected:
         return lambda *args, **kwargs: None
 
 
-def print_filters(cfg: configuration.Config) -> None:
-    """The effective chains, in order, built as the gateway builds them (but connected to nothing)."""
+def build_chains(cfg: configuration.Config) -> Any:
+    """The chains built as the gateway builds them, but connected to nothing."""
     from twisted.internet.testing import MemoryReactorClock
 
     from gateway.filters import FilterServices
-    from gateway.filters.registry import build_runner, describe
+    from gateway.filters.registry import build_runner
 
     unused = _NotConnected()
     reactor = MemoryReactorClock()  # type: ignore[no-untyped-call]  # records; never connects
     services = FilterServices(cfg, reactor, anvil=unused, store=unused, dns=unused)
-    for line in describe(build_runner(cfg, services)):
+    return build_runner(cfg, services)
+
+
+def print_filters(cfg: configuration.Config) -> None:
+    """The effective chains, in order."""
+    from gateway.filters.registry import describe
+
+    for line in describe(build_chains(cfg)):
         print(line)
 
 

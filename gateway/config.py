@@ -131,7 +131,7 @@ class FiltersConfig:
     registry checks it (with `text` for line numbers) when it builds the filter.
     """
 
-    inbound: tuple[str, ...] = ()
+    inbound: tuple[str, ...] = ("lists", "limits", "helo")
     outbound: tuple[str, ...] = ()
     fetched: tuple[str, ...] = ()
     timeout: float = 30.0  # seconds one filter call may take
@@ -233,7 +233,7 @@ class Section:
         self.text = text
         self.table = dict(table)
         self.path = path  # "smtp" or "routes[2]"
-        self.asked: dict[str, object] = {}  # every key read, with its default (for the docs test)
+        self.read: dict[str, object] = {}  # every key read -> the value it gave (for the docs test)
 
     def error(self, key: str, problem: str) -> ConfigError:
         """An error about `key` of this table ("" for the table itself)."""
@@ -243,7 +243,10 @@ class Section:
         return ConfigError(self.source, full, problem, _find_line(self.text, self.path, key))
 
     def take(self, key: str, kind: type[T], default: T) -> T:
-        self.asked.setdefault(key, default)
+        self.read[key] = value = self._take(key, kind, default)
+        return value
+
+    def _take(self, key: str, kind: type[T], default: T) -> T:
         if key not in self.table:
             return default
         value = self.table.pop(key)
@@ -254,22 +257,23 @@ class Section:
         return value
 
     def duration(self, key: str, default: float) -> float:
-        self.asked.setdefault(key, default)
         value = self.table.pop(key, default)
         parsed = _parse_duration(value)
         if parsed is None:
             raise self.error(key, f'must be a duration like 300, "300s", "8m", "1h", not {value!r}')
+        self.read[key] = parsed
         return parsed
 
     def size(self, key: str, default: int) -> int:
-        self.asked.setdefault(key, default)
         value = self.table.pop(key, default)
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            self.read[key] = value
             return value
         match = _SIZE.match(value) if isinstance(value, str) else None
         if not match:
             raise self.error(key, f'must be a size like 104857600 or "100M", not {value!r}')
-        return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+        self.read[key] = result = int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+        return result
 
     def positive(self, key: str, default: int) -> int:
         value = self.take(key, int, default)
@@ -537,8 +541,20 @@ def parse(text: str, source: str = "<config>", *, base_dir: str | None = None) -
     section.done()
 
     section = root.sub("dns")
+    from gateway.filters._dnsquery import parse_nameserver
+
+    nameservers = section.strings("nameservers")
+    for server in nameservers:
+        try:
+            parse_nameserver(server)
+        except ValueError:
+            raise section.error(
+                "nameservers",
+                f"{server!r} is not a name server address"
+                ' (write "192.0.2.53", "127.0.0.1:5353" or "[::1]:53")',
+            ) from None
     dns = DnsConfig(
-        nameservers=section.strings("nameservers"),
+        nameservers=nameservers,
         timeout=section.duration("timeout", 5),
         threads=section.positive("threads", 8),
     )

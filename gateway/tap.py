@@ -30,9 +30,9 @@ from gateway.certificates import server_context
 from gateway.delivery.manager import QueueManager
 from gateway.delivery.router import Router
 from gateway.delivery.transports import ThreadPoolService, Transports
-from gateway.queue.spool import DirectorySpool
 from gateway.filters.anvil import AnvilServer, anvil_socket_path, process_anvil
 from gateway.filters.reload import SighupReload, reloader
+from gateway.queue.spool import DirectorySpool
 from gateway.reception import Reception
 from gateway.smtp.auth import CredentialsError, FileCredentials
 from gateway.smtp.server import SmtpServerFactory

@@ -49,13 +49,9 @@ def mx_answer(domain: str, records: Iterable[tuple[int, str]]) -> list[tuple[int
 
 
 def _nameserver(text: str) -> dns.nameserver.Do53Nameserver:
-    host, port = text, 53
-    if text.startswith("["):  # [::1]:5353
-        host, _, rest = text[1:].partition("]")
-        port = int(rest[1:]) if rest.startswith(":") else 53
-    elif text.count(":") == 1:
-        host, _, number = text.partition(":")
-        port = int(number)
+    from gateway.filters._dnsquery import parse_nameserver  # (it imports our errors)
+
+    host, port = parse_nameserver(text)  # checked when the config was read
     return dns.nameserver.Do53Nameserver(host, port)
 
 

@@ -74,7 +74,7 @@ def _cut_off(reason: str) -> Verdict:
 
 @attrs.frozen
 class LimitsSettings:
-    """The [filters.limits] options (see etc/fragments/limits.toml)."""
+    """The [filters.limits] options (documented in etc/mailgate.toml)."""
 
     max_sessions: int = 2000
     max_connections_per_ip: int = 32

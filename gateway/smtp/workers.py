@@ -205,8 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     from twisted.logger import globalLogBeginner
 
     from gateway import config as configuration
-    from gateway.queue.spool import DirectorySpool
     from gateway.filters.reload import install_sighup, reloader
+    from gateway.queue.spool import DirectorySpool
     from gateway.tap import account_of, become, make_reception, smtp_factory_maker
 
     globalLogBeginner.beginLoggingTo([_log_to_stderr], redirectStandardIO=False)  # type: ignore[list-item]

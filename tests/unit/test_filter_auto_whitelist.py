@@ -9,7 +9,6 @@ from zope.interface.verify import verifyObject
 
 from gateway.config import ConfigError
 from gateway.filters import FilterServices, Request
-from gateway.filters.auto_whitelist import AutoWhitelist
 from gateway.filters.chain import Hit
 from gateway.filters.registry import build_runner
 from gateway.filters.testing import StaticFilter
@@ -231,17 +230,6 @@ def test_a_broken_store_defers_the_message_and_is_survived_after_it() -> None:
 def test_bad_options_name_the_key(options: str, problem: str) -> None:
     with pytest.raises(ConfigError, match=problem):
         driver(options)
-
-
-def test_the_fragment_documents_every_option_at_its_default() -> None:
-    from pathlib import Path
-
-    fragment = Path(__file__).parents[2] / "etc" / "fragments" / "auto-whitelist.toml"
-    cfg = config('[filters]\ninbound = ["auto-whitelist"]\n' + fragment.read_text())
-    options = dict(cfg.filters.options["auto-whitelist"])
-    assert options == {"clean_messages": 3, "max_age": "30d", "ipv4_prefix": 24, "ipv6_prefix": 64}
-    awl = AutoWhitelist.from_config(cfg.filters.section(cfg.source, "auto-whitelist"), Driver("").services)
-    assert (awl.clean_messages, awl.max_age, awl.ipv4_prefix, awl.ipv6_prefix) == (3, 30 * DAY, 24, 64)
 
 
 @pytest.mark.parametrize("name", ["auto-whitelist", "greylist", "quota"])

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from zope.interface.verify import verifyObject
 
 from gateway.config import ConfigError
-from gateway.filters.greylist import Greylist
 from gateway.interfaces import IFilter
 from gateway.model import Session, Stage
 from gateway.smtp.reply import Reply
 from gateway.state import StoreError
-from tests.unit.reception_driver import Driver, config
+from tests.unit.reception_driver import Driver
 
 CLIENT = Session("192.0.2.10")
 SENDER = "alice@partner.test"
@@ -158,23 +155,3 @@ def test_a_broken_store_defers_never_passes_and_never_refuses() -> None:
 def test_bad_options_name_the_key(options: str, problem: str) -> None:
     with pytest.raises(ConfigError, match=problem):
         driver(options)
-
-
-def test_the_fragment_documents_every_option_at_its_default() -> None:
-    fragment = Path(__file__).parents[2] / "etc" / "fragments" / "greylist.toml"
-    cfg = config('[filters]\ninbound = ["greylist"]\n' + fragment.read_text())
-    assert dict(cfg.filters.options["greylist"]) == {
-        "delay": "300s",
-        "retry_window": "2d",
-        "max_age": "35d",
-        "auto_whitelist_clients": 1,
-        "ipv4_prefix": 24,
-        "ipv6_prefix": 64,
-    }
-    greylist = Greylist.from_config(cfg.filters.section(cfg.source, "greylist"), Driver("").services)
-    assert (greylist.delay, greylist.retry_window, greylist.max_age, greylist.auto_whitelist_clients) == (
-        300,
-        2 * DAY,
-        35 * DAY,
-        1,
-    )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import textwrap
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from twisted.internet.task import Clock
 from gateway import config as configuration
 from gateway.filters import FilterServices, Request
 from gateway.filters._listfile import Kind, parse_client, parse_pattern, read_list_file
-from gateway.filters.lists import Listing, Lists, NetworkTable, listener_port, option_name
+from gateway.filters.lists import Listing, Lists, NetworkTable, listener_port
 from gateway.model import Action, Direction, Envelope, Recipient, Session, Stage, Verdict
 
 CONFIG_HEAD = """\
@@ -427,16 +426,6 @@ def test_reasons_never_name_the_list_file(tmp_path: Path) -> None:
         "Access denied: client 192.0.2.1 is blocked",
         "Access denied: sender domain usa.com is blocked",
     ]
-
-
-def test_the_fragment_documents_every_option_at_its_default() -> None:
-    root = Path(__file__).resolve().parents[2]
-    text = (root / "etc" / "fragments" / "lists.toml").read_text(encoding="utf-8")
-    table = tomllib.loads(text)["filters"]["lists"]
-    keys = {option_name(kind, allowed) for kind in Kind for allowed in (True, False)}
-    assert set(table) == keys | {f"{key}_files" for key in keys}
-    assert all(value == [] for value in table.values())
-    assert lists_from(text.partition("\n")[2]).tables.entries == 0
 
 
 def test_an_ip_address_is_not_a_sender_domain() -> None:

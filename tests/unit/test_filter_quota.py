@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,12 +10,12 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from zope.interface.verify import verifyObject
 
 from gateway.config import ConfigError
-from gateway.filters.quota import Quota, period_text
+from gateway.filters.quota import period_text
 from gateway.interfaces import IAcceptObserver, IFilter
 from gateway.model import Session, Stage
 from gateway.smtp.reply import Reply
 from gateway.state import StoreError
-from tests.unit.reception_driver import Driver, config
+from tests.unit.reception_driver import Driver
 
 INSIDE = Session("10.1.2.3", may_relay=True)  # relay.networks: the outbound chain
 HOUR = 3600.0
@@ -214,24 +213,3 @@ def test_period_text() -> None:
 def test_bad_options_name_the_key(options: str, problem: str) -> None:
     with pytest.raises(ConfigError, match=problem):
         driver(options)
-
-
-def test_the_fragment_documents_every_option_at_its_default() -> None:
-    fragment = Path(__file__).parents[2] / "etc" / "fragments" / "quota.toml"
-    cfg = config('[filters]\noutbound = ["quota"]\n' + fragment.read_text())
-    assert dict(cfg.filters.options["quota"]) == {
-        "messages": 200,
-        "recipients": 1000,
-        "period": "1h",
-        "key": "sender",
-        "action": "hold",
-        "exempt": [],
-    }
-    quota = Quota.from_config(cfg.filters.section(cfg.source, "quota"), Driver("").services)
-    assert (quota.messages, quota.recipients, quota.period, quota.by, quota.action) == (
-        200,
-        1000,
-        HOUR,
-        "sender",
-        "hold",
-    )
