@@ -2,8 +2,8 @@
 
     python bench/_slow_dns.py LISTEN_PORT UPSTREAM_PORT MARKER
 
-Queries whose question name contains MARKER (e.g. "9.127." for clients in
-127.9.0.0/16, whose reversed address ends in ".9.127.") are never answered: the
+Queries whose question name contains MARKER (e.g. ".9.127.z" for clients in
+127.9.0.0/16 asked in zones z1..., "y.x.9.127.z1.bench.test") are never answered: the
 gateway's lookups for those clients wait until their timeout. Everything else is
 forwarded to the upstream server on 127.0.0.1 and the answer sent back.
 """

@@ -152,7 +152,7 @@ class RblDns:
                 os.path.join(HERE, "_slow_dns.py"),
                 str(self.proxy_port),
                 str(self.port),
-                "9.127.",
+                ".9.127.z",  # the reversed 127.9.x.y in the bench zones: y.x.9.127.zN.bench.test
             ],
             stdout=subprocess.DEVNULL,
         )
@@ -279,15 +279,28 @@ async def load(seconds: float, concurrency: int, message: bool = False) -> dict[
                 ok = False
                 key = type(error).__name__
                 errors[key] = errors.get(key, 0) + 1
+            if time.monotonic() > deadline:
+                break  # finished after the measured time: not counted
             if ok:
                 done += 1
             else:
                 failed += 1
 
-    started = time.monotonic()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.monotonic() - started
-    return {"sessions": done, "failed": failed, "seconds": elapsed, "rate": done / elapsed, "errors": errors}
+    workers = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
+    await asyncio.sleep(seconds)
+    await asyncio.sleep(0.5)  # sessions that were nearly done finish (and are not counted)
+    late = sum(not w.done() for w in workers)
+    for task in workers:
+        task.cancel()
+    await asyncio.gather(*workers, return_exceptions=True)
+    return {
+        "sessions": done,
+        "failed": failed,
+        "late": late,
+        "seconds": seconds,
+        "rate": done / seconds,
+        "errors": errors,
+    }
 
 
 async def stall(count: int) -> list[socket.socket]:
@@ -369,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 print(
                     f"rep {rep + 1} {name:<14} sessions/s={result['rate']:7.1f} ok={result['sessions']}"
-                    f" failed={result['failed']} {result['errors'] or ''}{extra}",
+                    f" failed={result['failed']} unfinished={result['late']} {result['errors'] or ''}{extra}",
                     flush=True,
                 )
     finally:
