@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import socket
@@ -9,7 +11,8 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from tests.integration.peers import free_port
 
@@ -20,6 +23,62 @@ TWISTD = [
     "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
 ]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# mail for every domain lands in <directory>/mail/<domain>/<local>/ (see maildir_messages)
+MAILDIR_ROUTE = ("*", "maildir:{directory}/mail/{domain}/{local}/")
+
+
+def gateway_config(
+    directory: str,
+    port: int,
+    *,
+    user: str = "",
+    workers: int | None = None,
+    smtp: str = "",
+    role: str = "inbound",
+    credentials_file: str | None = None,
+    domains: Sequence[str] = ("example.com",),
+    networks: Sequence[str] = ("127.0.0.1/32",),
+    route: tuple[str, str] | None = MAILDIR_ROUTE,
+    queue_scan_interval: str | None = "1s",
+    delivery: str = "",
+    extra: str = "",
+) -> str:
+    """The config of a test gateway: state in `directory`, one listener on 127.0.0.1:`port`.
+
+    `workers` and `smtp` (more lines) fill [smtp]; `credentials_file` makes an [auth] table;
+    `route` is (match, transport), `{directory}` in the transport replaced, or None for no route;
+    `queue_scan_interval` (None: the default) and `delivery` (more lines) fill [delivery];
+    `extra` is TOML appended at the end ([filters], [dns], more routes).
+    """
+    lines = [
+        "[gateway]",
+        'hostname = "gw.test"',
+        f'state_dir = "{directory}/state"',
+        f"user = {json.dumps(user)}",
+    ]
+    if workers is not None or smtp:
+        lines.append("[smtp]")
+        if workers is not None:
+            lines.append(f"workers = {workers}")
+        lines.extend(textwrap.dedent(smtp).strip().splitlines())
+    lines += [
+        "[[smtp.listeners]]",
+        f'endpoint = "tcp:{port}:interface=127.0.0.1"',
+        f"role = {json.dumps(role)}",
+    ]
+    if credentials_file is not None:
+        lines += ["[auth]", f"credentials_file = {json.dumps(credentials_file)}"]
+    lines += ["[relay]", f"domains = {json.dumps(list(domains))}", f"networks = {json.dumps(list(networks))}"]
+    if route is not None:
+        match, transport = route
+        transport = transport.replace("{directory}", directory)
+        lines += ["[[routes]]", f"match = {json.dumps(match)}", f"transport = {json.dumps(transport)}"]
+    if queue_scan_interval is not None or delivery:
+        lines.append("[delivery]")
+        if queue_scan_interval is not None:
+            lines.append(f"queue_scan_interval = {json.dumps(queue_scan_interval)}")
+        lines.extend(textwrap.dedent(delivery).strip().splitlines())
+    return "\n".join(lines) + "\n" + textwrap.dedent(extra).strip() + "\n"
 
 
 class GatewayProcess:
@@ -116,6 +175,18 @@ class GatewayProcess:
         raise AssertionError(f"{needle!r} never appeared in the gateway log:\n{self.log()[-4000:]}")
 
 
+@contextlib.contextmanager
+def running_gateway(directory: str, **config: Any) -> Iterator[GatewayProcess]:
+    """A gateway on a free port with `gateway_config(directory, port, **config)`, stopped on leaving."""
+    port = free_port()
+    process = GatewayProcess(directory, gateway_config(directory, port, **config), port)
+    try:
+        process.start()
+        yield process
+    finally:
+        process.stop()
+
+
 def maildir_messages(path: str) -> list[bytes]:
     found = []
     for sub in ("new", "cur"):
@@ -136,4 +207,11 @@ def wait_until(predicate: object, timeout: float = 20.0, interval: float = 0.1) 
     raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
 
 
-__all__: Sequence[str] = ["GatewayProcess", "free_port", "maildir_messages", "wait_until"]
+__all__: Sequence[str] = [
+    "GatewayProcess",
+    "free_port",
+    "gateway_config",
+    "maildir_messages",
+    "running_gateway",
+    "wait_until",
+]

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.gateway import GatewayProcess, free_port, maildir_messages, wait_until
+from tests.integration.gateway import GatewayProcess, maildir_messages, running_gateway, wait_until
 from tests.integration.peer_rbldnsd import Rbldnsd
 from tests.integration.peers import require_program, require_root
 
@@ -47,25 +47,8 @@ ZONES = {
 }  # fmt: skip
 
 
-def config(tmp: str, port: int, nameserver: str) -> str:
+def filters(nameserver: str) -> str:
     return f"""
-        [gateway]
-        hostname = "gw.test"
-        state_dir = "{tmp}/state"
-        user = ""
-        [smtp]
-        workers = 1
-        [[smtp.listeners]]
-        endpoint = "tcp:{port}:interface=127.0.0.1"
-        role = "inbound"
-        [relay]
-        domains = ["example.com"]
-        networks = ["127.0.0.1/32"]
-        [[routes]]
-        match = "*"
-        transport = "maildir:{tmp}/mail/{{domain}}/{{local}}/"
-        [delivery]
-        queue_scan_interval = "1s"
         [dns]
         nameservers = ["{nameserver}"]
         timeout = "3s"
@@ -100,11 +83,8 @@ def rbldnsd() -> Iterator[Rbldnsd]:
 def gateway(rbldnsd: Rbldnsd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     require_program("swaks")
     tmp = str(tmp_path_factory.mktemp("gateway"))
-    port = free_port()
-    process = GatewayProcess(tmp, config(tmp, port, rbldnsd.nameserver), port)
-    process.start()
-    yield process
-    process.stop()
+    with running_gateway(tmp, workers=1, extra=filters(rbldnsd.nameserver)) as process:
+        yield process
 
 
 def send(swaks: Callable[..., Any], gateway: GatewayProcess, client: str, tag: str, **options: str) -> Any:

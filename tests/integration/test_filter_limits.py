@@ -15,29 +15,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.gateway import GatewayProcess, free_port, wait_until
+from tests.integration.gateway import GatewayProcess, running_gateway, wait_until
 
 USER, PASSWORD = "alice", "alice-pass-1"
 PER_IP = 3
 
 
-def gateway_config(tmp: str, port: int) -> str:
-    return f"""
-[gateway]
-hostname = "gw.test"
-state_dir = "{tmp}/state"
-user = ""
-[smtp]
-workers = 2
-auth_requires_tls = false
-[[smtp.listeners]]
-endpoint = "tcp:{port}:interface=127.0.0.1"
-role = "inbound"
-[auth]
-credentials_file = "{tmp}/users"
-[relay]
-domains = ["internal.test"]
-networks = ["192.0.2.0/24"]
+FILTERS = f"""
 [filters]
 inbound = ["limits", "protocol"]
 [filters.limits]
@@ -56,16 +40,21 @@ def gateway(tmp_path: os.PathLike[str]) -> Iterator[GatewayProcess]:
     tmp = str(tmp_path)
     with open(os.path.join(tmp, "users"), "w") as handle:
         handle.write(f"{USER}:{hash_password(PASSWORD)}\n")
-    port = free_port()
-    process = GatewayProcess(tmp, gateway_config(tmp, port), port)
-    process.start()
-    try:
+    with running_gateway(
+        tmp,
+        workers=2,
+        smtp="auth_requires_tls = false",
+        credentials_file=f"{tmp}/users",
+        domains=["internal.test"],
+        networks=["192.0.2.0/24"],
+        route=None,
+        queue_scan_interval=None,
+        extra=FILTERS,
+    ) as process:
         # start() polled the banner from 127.0.0.1: let those sessions end first
         wait_until(lambda: _opened(process, "127.0.0.1") == _closed(process, "127.0.0.1"))
         time.sleep(0.3)  # and their ends reach the anvil
         yield process
-    finally:
-        process.stop()
 
 
 def _opened(gateway: GatewayProcess, host: str) -> int:

@@ -12,39 +12,30 @@ from typing import Any
 
 import pytest
 
-from tests.integration.gateway import ROOT, TWISTD, GatewayProcess, free_port, maildir_messages, wait_until
+from tests.integration.gateway import (
+    ROOT,
+    TWISTD,
+    GatewayProcess,
+    free_port,
+    gateway_config,
+    maildir_messages,
+    running_gateway,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
 WORKERS = 2  # a reload must reach every SMTP worker process, not only the first
 
 
-def config(tmp: str, port: int) -> str:
-    return f"""
-        [gateway]
-        hostname = "gw.test"
-        state_dir = "{tmp}/state"
-        user = ""
-        [smtp]
-        workers = {WORKERS}
-        [[smtp.listeners]]
-        endpoint = "tcp:{port}:interface=127.0.0.1"
-        role = "inbound"
-        [relay]
-        domains = ["example.com"]
-        networks = ["127.0.0.1/32"]
-        [[routes]]
-        match = "*"
-        transport = "maildir:{tmp}/mail/{{domain}}/{{local}}/"
-        [delivery]
-        queue_scan_interval = "1s"
-        [filters]
-        inbound = ["lists"]
-        [filters.lists]
-        block_clients = ["127.0.0.3"]
-        allow_senders = ["boss@usa.test"]
-        block_senders_files = ["lists/block-senders.txt"]
-    """
+LISTS = """
+    [filters]
+    inbound = ["lists"]
+    [filters.lists]
+    block_clients = ["127.0.0.3"]
+    allow_senders = ["boss@usa.test"]
+    block_senders_files = ["lists/block-senders.txt"]
+"""
 
 
 @pytest.fixture
@@ -52,13 +43,10 @@ def gateway(tmp_path: os.PathLike[str], swaks: Any) -> Iterator[GatewayProcess]:
     tmp = str(tmp_path)
     os.mkdir(os.path.join(tmp, "lists"))
     write_list(tmp, "# senders we refuse\n@usa.test\n")
-    port = free_port()
-    process = GatewayProcess(tmp, config(tmp, port), port)
-    process.start()
-    # every worker has built its chain (and can take SIGHUP) before the tests send anything
-    wait_until(lambda: process.log().count("SmtpServerFactory starting on") >= WORKERS)
-    yield process
-    process.stop()
+    with running_gateway(tmp, workers=WORKERS, extra=LISTS) as process:
+        # every worker has built its chain (and can take SIGHUP) before the tests send anything
+        wait_until(lambda: process.log().count("SmtpServerFactory starting on") >= WORKERS)
+        yield process
 
 
 def write_list(directory: str, text: str) -> None:
@@ -158,7 +146,7 @@ def test_a_bad_list_file_stops_the_start_with_its_file_and_line(tmp_path: os.Pat
     write_list(tmp, "@usa.test\n192.0.2.1 # a client, in the senders' list\n")
     path = os.path.join(tmp, "mailgate.toml")
     with open(path, "w", encoding="utf-8") as handle:
-        handle.write(config(tmp, free_port()).replace("\n        ", "\n"))
+        handle.write(gateway_config(tmp, free_port(), workers=WORKERS, extra=LISTS))
     result = subprocess.run(
         [*TWISTD, "-n", "--pidfile=", "mailgate", "--config", path],
         capture_output=True,

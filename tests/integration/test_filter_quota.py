@@ -3,6 +3,7 @@ and one SQLite file shared by the SMTP worker processes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import smtplib
 import sqlite3
@@ -12,52 +13,21 @@ from typing import Any
 
 import pytest
 
-from tests.integration.gateway import GatewayProcess, free_port, maildir_messages, wait_until
+from tests.integration.gateway import GatewayProcess, maildir_messages, running_gateway, wait_until
 
 SENDER = "alice@corp.test"
 RECIPIENT = "someone@elsewhere.test"
 
 
-def gateway_config(tmp: str, port: int, *, workers: int, filters: str) -> str:
-    # 127.0.0.1 is in relay.networks: its mail runs the outbound chain
-    return f"""
-[gateway]
-hostname = "gw.test"
-state_dir = "{tmp}/state"
-user = ""
-[smtp]
-workers = {workers}
-[[smtp.listeners]]
-endpoint = "tcp:{port}:interface=127.0.0.1"
-role = "inbound"
-[relay]
-domains = ["example.com"]
-networks = ["127.0.0.1/32"]
-[[routes]]
-match = "*"
-transport = "maildir:{tmp}/mail/{{domain}}/{{local}}/"
-[delivery]
-queue_scan_interval = "1s"
-{filters}
-"""
-
-
 @pytest.fixture
 def start_gateway(tmp_path: os.PathLike[str]) -> Iterator[Callable[..., GatewayProcess]]:
-    started: list[GatewayProcess] = []
+    # 127.0.0.1 is in relay.networks: its mail runs the outbound chain
+    with contextlib.ExitStack() as started:
 
-    def start(filters: str, *, workers: int = 1) -> GatewayProcess:
-        port = free_port()
-        process = GatewayProcess(
-            str(tmp_path), gateway_config(str(tmp_path), port, workers=workers, filters=filters), port
-        )
-        started.append(process)
-        process.start()
-        return process
+        def start(filters: str, *, workers: int = 1) -> GatewayProcess:
+            return started.enter_context(running_gateway(str(tmp_path), workers=workers, extra=filters))
 
-    yield start
-    for process in started:
-        process.stop()
+        yield start
 
 
 def delivered(gateway: GatewayProcess, address: str = RECIPIENT) -> list[bytes]:

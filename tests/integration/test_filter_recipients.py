@@ -3,6 +3,7 @@ Postfix that knows its users (SMTP callouts), swaks as the Internet client."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -10,11 +11,17 @@ from typing import Any
 
 import pytest
 
-from tests.integration.gateway import GatewayProcess, free_port
+from tests.integration.gateway import GatewayProcess, running_gateway
 from tests.integration.peer_postfix_users import PostfixWithUsers
 from tests.integration.peers import CertificateAuthority, require_program, require_root
 
 USERS = ("alice@internal.test", "catchall@internal.test")
+CALLOUT = """
+[filters]
+inbound = ["recipients"]
+[filters.recipients]
+mode = "callout"
+"""
 
 
 @pytest.fixture
@@ -30,43 +37,21 @@ def internal_server(_peers: Any, test_ca: CertificateAuthority) -> PostfixWithUs
 def start_gateway(
     tmp_path: os.PathLike[str], internal_server: PostfixWithUsers
 ) -> Iterator[Callable[[str], GatewayProcess]]:
-    started: list[GatewayProcess] = []
+    with contextlib.ExitStack() as started:
 
-    def start(options: str = "") -> GatewayProcess:
-        tmp, port = str(tmp_path), free_port()
-        config = f"""
-[gateway]
-hostname = "gw.test"
-state_dir = "{tmp}/state"
-user = ""
-[smtp]
-workers = 1  # one SMTP process: one callout cache (each process has its own)
-[[smtp.listeners]]
-endpoint = "tcp:{port}:interface=127.0.0.1"
-role = "inbound"
-[relay]
-domains = ["internal.test"]
-networks = ["192.0.2.0/24"]  # not loopback: swaks on 127.0.0.1 is the Internet here
-[[routes]]
-match = "internal.test"
-transport = "smtp:[127.0.0.1]:{internal_server.port}"
-[delivery]
-queue_scan_interval = "1s"
-retry_schedule = ["1s"]
-[filters]
-inbound = ["recipients"]
-[filters.recipients]
-mode = "callout"
-{options}
-"""
-        process = GatewayProcess(tmp, config, port)
-        started.append(process)
-        process.start()
-        return process
+        def start(options: str = "") -> GatewayProcess:
+            gateway = running_gateway(
+                str(tmp_path),
+                workers=1,  # one SMTP process: one callout cache (each process has its own)
+                domains=["internal.test"],
+                networks=["192.0.2.0/24"],  # not loopback: swaks on 127.0.0.1 is the Internet here
+                route=("internal.test", f"smtp:[127.0.0.1]:{internal_server.port}"),
+                delivery='retry_schedule = ["1s"]',
+                extra=CALLOUT + options,
+            )
+            return started.enter_context(gateway)
 
-    yield start
-    for process in started:
-        process.stop()
+        yield start
 
 
 def send(gateway: GatewayProcess, recipient: str, message_id: str) -> Any:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.gateway import GatewayProcess, free_port, maildir_messages, wait_until
+from tests.integration.gateway import GatewayProcess, maildir_messages, running_gateway, wait_until
 from tests.integration.peers import NsdServer
 
 pytestmark = pytest.mark.integration
@@ -27,25 +27,8 @@ ZONES = {
 }
 
 
-def config(tmp: str, port: int, nameserver: str) -> str:
+def filters(nameserver: str) -> str:
     return f"""
-        [gateway]
-        hostname = "gw.test"
-        state_dir = "{tmp}/state"
-        user = ""
-        [smtp]
-        workers = 0
-        [[smtp.listeners]]
-        endpoint = "tcp:{port}:interface=127.0.0.1"
-        role = "inbound"
-        [relay]
-        domains = ["example.com"]
-        networks = ["127.0.0.1/32"]
-        [[routes]]
-        match = "*"
-        transport = "maildir:{tmp}/mail/{{domain}}/{{local}}/"
-        [delivery]
-        queue_scan_interval = "1s"
         [dns]
         nameservers = ["{nameserver}"]
         timeout = "3s"
@@ -70,17 +53,13 @@ def test_confirmed_passes_not_confirmed_is_refused_and_no_ptr_is_tagged(
     make_nsd: Callable[..., NsdServer], swaks: Any, tmp_path: os.PathLike[str]
 ) -> None:
     nsd = make_nsd(ZONES)
-    tmp = str(tmp_path)
-    port = free_port()
-    gateway = GatewayProcess(tmp, config(tmp, port, nsd.nameserver), port)
-    gateway.start()
-    try:
+    with running_gateway(str(tmp_path), workers=0, extra=filters(nsd.nameserver)) as gateway:
 
         def send(client: str, tag: str) -> Any:
             return swaks(
                 "--from", "friend@other.test", "--to", "bob@example.com", "--ehlo", "client.test",
                 "--local-interface", client, "--header", f"Message-Id: <{tag}@client.test>",
-                server=("127.0.0.1", port),
+                server=("127.0.0.1", gateway.smtp_port),
             )  # fmt: skip
 
         confirmed = send("127.0.0.8", "confirmed")
@@ -103,5 +82,3 @@ def test_confirmed_passes_not_confirmed_is_refused_and_no_ptr_is_tagged(
         gateway.wait_for_log(
             "filter: reverse-dns tag at connect [127.0.0.10]: client [127.0.0.10] has no reverse DNS"
         )
-    finally:
-        gateway.stop()

@@ -3,6 +3,7 @@ a Postfix smart host that requires AUTH, and mailgatectl on deferred mail."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import smtplib
 import threading
@@ -12,53 +13,34 @@ from typing import Any
 
 import pytest
 
-from tests.integration.gateway import GatewayProcess, free_port, wait_until
+from tests.integration.gateway import GatewayProcess, free_port, running_gateway, wait_until
 from tests.integration.peers import NsdServer, PostfixRelayWithAuth, PostfixSink
 
 USER, PASSWORD = "exchange", "s3cret-relay-pass"
 
 
-def gateway_config(tmp: str, port: int, extra: str) -> str:
-    return f"""
-[gateway]
-hostname = "gw.test"
-state_dir = "{tmp}/state"
-user = ""
-[[smtp.listeners]]
-endpoint = "tcp:{port}:interface=127.0.0.1"
-role = "submission"
-[auth]
-credentials_file = "{tmp}/users"
-[relay]
-domains = ["internal.test"]
-networks = ["127.0.0.1/32"]
-[delivery]
-queue_scan_interval = "1s"
-retry_schedule = ["2s"]
-max_attempts = 10
-{extra}
-"""
-
-
 @pytest.fixture
 def start_gateway(tmp_path: os.PathLike[str]) -> Iterator[Callable[[str], GatewayProcess]]:
-    started: list[GatewayProcess] = []
+    with contextlib.ExitStack() as started:
 
-    def start(extra: str) -> GatewayProcess:
-        from gateway.smtp.auth import hash_password
+        def start(extra: str) -> GatewayProcess:
+            from gateway.smtp.auth import hash_password
 
-        tmp = str(tmp_path)
-        with open(os.path.join(tmp, "users"), "w") as handle:
-            handle.write(f"{USER}:{hash_password(PASSWORD)}\n")
-        port = free_port()
-        process = GatewayProcess(tmp, gateway_config(tmp, port, extra), port)
-        started.append(process)
-        process.start()
-        return process
+            tmp = str(tmp_path)
+            with open(os.path.join(tmp, "users"), "w") as handle:
+                handle.write(f"{USER}:{hash_password(PASSWORD)}\n")
+            gateway = running_gateway(
+                tmp,
+                role="submission",
+                credentials_file=f"{tmp}/users",
+                domains=["internal.test"],
+                route=None,
+                delivery='retry_schedule = ["2s"]\nmax_attempts = 10',
+                extra=extra,
+            )
+            return started.enter_context(gateway)
 
-    yield start
-    for process in started:
-        process.stop()
+        yield start
 
 
 def send(

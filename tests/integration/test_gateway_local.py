@@ -17,7 +17,9 @@ from tests.integration.gateway import (
     TWISTD,
     GatewayProcess,
     free_port,
+    gateway_config,
     maildir_messages,
+    running_gateway,
     wait_until,
 )
 from tests.integration.peers import require_program, require_root, swaks
@@ -25,29 +27,6 @@ from tests.integration.peers import require_program, require_root, swaks
 pytestmark = pytest.mark.integration
 
 USER, PASSWORD = "exchange", "s3cret-relay-pass"
-
-
-def config(tmp: str, port: int, *, user: str = "") -> str:
-    auth = f'credentials_file = "{tmp}/users"' if not user else ""  # the user could not read it
-    return f"""
-        [gateway]
-        hostname = "gw.test"
-        state_dir = "{tmp}/state"
-        user = "{user}"
-        [[smtp.listeners]]
-        endpoint = "tcp:{port}:interface=127.0.0.1"
-        role = "inbound"
-        [auth]
-        {auth}
-        [relay]
-        domains = ["example.com"]
-        networks = ["127.0.0.1/32"]
-        [[routes]]
-        match = "*"
-        transport = "maildir:{tmp}/mail/{{domain}}/{{local}}/"
-        [delivery]
-        queue_scan_interval = "1s"
-    """
 
 
 @pytest.fixture
@@ -58,11 +37,8 @@ def gateway(tmp_path: os.PathLike[str]) -> Iterator[GatewayProcess]:
 
     with open(os.path.join(tmp, "users"), "w") as handle:
         handle.write(f"{USER}:{hash_password(PASSWORD)}\n")
-    port = free_port()
-    process = GatewayProcess(tmp, config(tmp, port), port)
-    process.start()
-    yield process
-    process.stop()
+    with running_gateway(tmp, credentials_file=f"{tmp}/users") as process:
+        yield process
 
 
 def mail_of(gateway: GatewayProcess, address: str) -> list[email.message.Message]:
@@ -240,12 +216,8 @@ def test_started_as_root_it_runs_as_the_configured_user(tmp_path: os.PathLike[st
     os.chmod(tmp, 0o755)
     os.mkdir(os.path.join(tmp, "mail"))
     os.chown(os.path.join(tmp, "mail"), 65534, 65534)  # the Maildirs are the user's to write
-    port = free_port()
-    process = GatewayProcess(
-        tmp,
-        config(tmp, port, user="nobody"),
-        port,
-    )
+    port = free_port()  # no credentials_file: the user could not read it
+    process = GatewayProcess(tmp, gateway_config(tmp, port, user="nobody"), port)
     process.start()
     try:
         with open(f"/proc/{process.process.pid}/status") as status:  # type: ignore[union-attr]
@@ -262,12 +234,8 @@ def test_started_as_root_it_runs_as_the_configured_user(tmp_path: os.PathLike[st
 def test_unreachable_state_dir_for_the_user_is_one_clear_error(tmp_path: os.PathLike[str]) -> None:
     require_root()
     tmp = str(tmp_path)  # under /tmp/pytest-of-root, mode 0700: nobody cannot enter it
-    port = free_port()
-    process = GatewayProcess(
-        tmp,
-        config(tmp, port, user="nobody"),
-        port,
-    )
+    port = free_port()  # no credentials_file: the user could not read it
+    process = GatewayProcess(tmp, gateway_config(tmp, port, user="nobody"), port)
     with pytest.raises(RuntimeError):
         process.start(timeout=15)
     assert "gateway.user nobody cannot reach gateway.state_dir" in process.log()
