@@ -18,14 +18,13 @@ reload the old list is kept.
 from __future__ import annotations
 
 import enum
-import re
 from collections.abc import Iterable
 from typing import Protocol
 
 import attrs
 from twisted.internet.defer import Deferred
 
-from gateway.config import ConfigError
+from gateway.filters._listfile import Entry, domain_key, parse_at, read_list_file
 
 
 class Answer(enum.Enum):
@@ -60,24 +59,6 @@ class AcceptAll:
         pass
 
 
-_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
-
-
-def domain_key(domain: str) -> str | None:
-    """A domain as the list compares it (lower case, ASCII form, no final dot); None if it is not one."""
-    domain = domain.lower().rstrip(".")
-    if not domain or len(domain) > 253:
-        return None
-    if not domain.isascii():
-        try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError:
-            return None
-    if not all(_LABEL.match(label) for label in domain.split(".")):
-        return None
-    return domain
-
-
 def address_key(address: str) -> str:
     """An address as the list and the callout cache compare it: lower case, domain in ASCII."""
     local, _, domain = address.rpartition("@")
@@ -109,33 +90,6 @@ def parse_entry(text: str) -> tuple[str, bool]:
     return f"{local.lower()}@{key}", False
 
 
-def strip_comment(line: str) -> str:
-    line = line.strip()
-    if line.startswith("#"):
-        return ""
-    return re.split(r"\s#", line, maxsplit=1)[0].strip()
-
-
-def read_file(path: str) -> list[tuple[str, int]]:
-    """The entries of a list file with their line numbers; ConfigError if it cannot be read."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
-    except OSError as error:
-        raise ConfigError(path, "", f"cannot read the recipient list: {error.strerror}") from None
-    except UnicodeDecodeError as error:
-        raise ConfigError(path, "", f"the recipient list is not UTF-8 text (byte {error.start})") from None
-    entries = []
-    for number, raw in enumerate(lines, 1):
-        text = strip_comment(raw)
-        if not text:
-            continue
-        if len(text.split()) > 1:
-            raise ConfigError(path, "", f"one address per line, not {text!r}", number)
-        entries.append((text, number))
-    return entries
-
-
 class RecipientList:
     """The static directory: inline entries plus files, re-read by `reload()`."""
 
@@ -147,20 +101,14 @@ class RecipientList:
         self.entries = self._load()
 
     def _load(self) -> Entries:
+        entries = [Entry(text, self.source) for text in self.inline]
+        for path in self.files:
+            entries.extend(read_list_file(path, "recipient list", "address"))
         addresses: set[str] = set()
         domains: set[str] = set()
-
-        def add(key: str, domain: bool) -> None:
+        for entry in entries:
+            key, domain = parse_at(entry, parse_entry)
             (domains if domain else addresses).add(key)
-
-        for text in self.inline:
-            add(*parse_entry(text))
-        for path in self.files:
-            for text, number in read_file(path):
-                try:
-                    add(*parse_entry(text))
-                except ValueError as error:
-                    raise ConfigError(path, "", str(error), number) from None
         return Entries(frozenset(addresses), frozenset(domains))
 
     def lookup(self, address: str) -> Lookup:

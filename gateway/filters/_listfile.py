@@ -1,12 +1,15 @@
-"""List entries for the "lists" filter: how one is written, and list files.
+"""List files, and the entries of the "lists" filter.
 
-An entry is a client (an IP address or a CIDR network, IPv4 or IPv6), a
+A list file holds one entry per line; ``#`` starts a comment (at the start of
+a line, or after a blank inside one, since ``#`` may appear in a local part);
+blank lines are ignored. `read_list_file`, `parse_at` and `domain_key` serve
+every filter that reads such files ("lists", and the "recipients" list).
+
+For "lists", an entry is a client (an IP address or a CIDR network, IPv4 or IPv6), a
 listening port, or an address pattern (``user@example.com`` for one address;
 ``@example.com`` or ``example.com`` for a domain and all its sub-domains). A
-list file holds one entry per line; ``#`` starts a comment (at the start of a
-line, or after a blank inside one, since ``#`` may appear in a local part);
-blank lines are ignored. A bad entry is a `ConfigError` naming the file and
-line: at start-up it stops the gateway, at a reload the old lists are kept.
+bad entry is a `ConfigError` naming the file and line: at start-up it stops
+the gateway, at a reload the old lists are kept.
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
-from collections.abc import Iterator
+from collections.abc import Callable
+from typing import TypeVar
 
 import attrs
 
 from gateway.config import ConfigError
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+T = TypeVar("T")
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
 _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
@@ -77,7 +82,7 @@ def parse_pattern(text: str) -> Pattern:
     """``user@example.com``, ``@example.com`` or ``example.com`` (both: and its sub-domains)."""
     local, _, domain = text.lower().rpartition("@")
     key = domain_key(domain)
-    if key is None:
+    if key is None or key.rpartition(".")[2].isdigit():  # an all-numeric last label: an IP address
         raise ValueError(
             f"{text!r} is not an address or a domain (like user@example.com, @example.com or example.com)"
         )
@@ -87,7 +92,7 @@ def parse_pattern(text: str) -> Pattern:
 
 
 def domain_key(domain: str) -> str | None:
-    """A domain as lists compare it (lower case ASCII, no final dot), or None if it is not one.
+    """A domain as list entries compare it (lower case ASCII, no final dot), or None if it is not one.
 
     An internationalised domain is compared in its ASCII (A-label) form, so that
     an entry and an address match however either was written.
@@ -100,9 +105,8 @@ def domain_key(domain: str) -> str | None:
             domain = domain.encode("idna").decode("ascii")
         except UnicodeError:
             return None
-    labels = domain.split(".")
-    if not all(_LABEL.match(label) for label in labels) or labels[-1].isdigit():
-        return None  # an all-numeric last label is an IP address, not a domain
+    if not all(_LABEL.match(label) for label in domain.split(".")):
+        return None
     return domain
 
 
@@ -114,25 +118,31 @@ PARSERS = {
 }
 
 
-def read_list_file(path: str) -> Iterator[Entry]:
-    """The entries of a list file, in order; ConfigError if it cannot be read or a line is bad."""
+def read_list_file(path: str, what: str = "list file", per_line: str = "entry") -> list[Entry]:
+    """The entries of a list file, in order; ConfigError if it cannot be read or a line is bad.
+
+    `what` names the file and `per_line` its entries in those errors ("recipient list", "address").
+    """
     try:
         with open(path, encoding="utf-8") as handle:
             lines = handle.read().splitlines()
     except OSError as error:
-        raise ConfigError(path, "", f"cannot read the list file: {error.strerror}") from None
+        raise ConfigError(path, "", f"cannot read the {what}: {error.strerror}") from None
     except UnicodeDecodeError as error:
-        raise ConfigError(path, "", f"the list file is not UTF-8 text (byte {error.start})") from None
+        raise ConfigError(path, "", f"the {what} is not UTF-8 text (byte {error.start})") from None
+    entries = []
     for number, raw in enumerate(lines, 1):
-        text = _strip_comment(raw)
+        text = strip_comment(raw)
         if not text:
             continue
         if len(text.split()) > 1:
-            raise ConfigError(path, "", f"one entry per line, not {text!r}", number)
-        yield Entry(text, path, number)
+            raise ConfigError(path, "", f"one {per_line} per line, not {text!r}", number)
+        entries.append(Entry(text, path, number))
+    return entries
 
 
-def _strip_comment(line: str) -> str:
+def strip_comment(line: str) -> str:
+    """A list file line without its comment and surrounding blanks ("" if nothing is left)."""
     line = line.strip()
     if "#" not in line:
         return line
@@ -141,9 +151,14 @@ def _strip_comment(line: str) -> str:
     return re.split(r"\s#", line, maxsplit=1)[0].strip()
 
 
-def check_entry(kind: Kind, entry: Entry) -> object:
-    """The parsed form of `entry` (see PARSERS); ConfigError naming its file and line if bad."""
+def parse_at(entry: Entry, parse: Callable[[str], T]) -> T:
+    """`parse(entry.text)`; its ValueError becomes a ConfigError naming the entry's file and line."""
     try:
-        return PARSERS[kind](entry.text)
+        return parse(entry.text)
     except ValueError as error:
         raise ConfigError(entry.source, "", str(error), entry.line) from None
+
+
+def check_entry(kind: Kind, entry: Entry) -> object:
+    """The parsed form of `entry` (see PARSERS); ConfigError naming its file and line if bad."""
+    return parse_at(entry, PARSERS[kind])

@@ -38,9 +38,9 @@ from gateway.filters._directory import (
     Lookup,
     RecipientDirectory,
     RecipientList,
-    domain_key,
     parse_entry,
 )
+from gateway.filters._listfile import domain_key
 from gateway.filters._verify_cache import AddressVerifier
 from gateway.interfaces import IFilter, IReloadable
 from gateway.model import CONTINUE, Action, Direction, Stage, Verdict

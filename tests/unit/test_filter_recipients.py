@@ -25,7 +25,8 @@ from gateway import config as configuration
 from gateway.config import ConfigError
 from gateway.filters import FilterServices, Request, registry
 from gateway.filters._callout import QUEUE_PER_SESSION, CalloutServer, ProbeFactory, SmtpProber
-from gateway.filters._directory import Answer, Lookup, parse_entry, strip_comment
+from gateway.filters._directory import Answer, Lookup, parse_entry
+from gateway.filters._listfile import strip_comment
 from gateway.filters._verify_cache import AddressVerifier
 from gateway.filters.recipients import CalloutDirectory, Recipients
 from gateway.model import Action, Direction, Envelope, Recipient, Session, Stage, Verdict
