@@ -31,13 +31,19 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.config import Section
-from gateway.delivery.resolver import DnsTemporaryError, NoSuchDomain, NullMX
+from gateway.delivery.resolver import NullMX
 from gateway.filters import FilterServices, Request
+from gateway.filters._dnscheck import (
+    IPAddress,
+    client_address,
+    dns_failure,
+    lookup_failed,
+    refusal,
+    reply_code,
+)
 from gateway.filters.dns import Lookups
 from gateway.interfaces import IFilter
-from gateway.model import CONTINUE, Action, Stage, Verdict
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+from gateway.model import CONTINUE, Stage, Verdict
 
 # letters, digits, hyphens inside; underscores too, which real hosts use and Postfix accepts
 _LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$", re.IGNORECASE)
@@ -91,16 +97,6 @@ def listening_addresses(endpoints: Iterable[str]) -> set[IPAddress]:
     return found
 
 
-def _client_address(text: str) -> IPAddress | None:
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
 @implementer(IFilter)
 class Helo:
     """Checks the HELO/EHLO name (see the module docstring)."""
@@ -142,11 +138,6 @@ class Helo:
                 own_addresses.add(ipaddress.ip_address(text))
             except ValueError:
                 raise options.error("own_addresses", f"{text!r} is not an IP address") from None
-        unknown_code = options.take("unknown_code", int, 450)
-        if unknown_code not in (450, 550):
-            raise options.error(
-                "unknown_code", f"must be 450 (temporary) or 550 (permanent), not {unknown_code}"
-            )
         return cls(
             services.dns,
             own_names=own_names,
@@ -156,7 +147,7 @@ class Helo:
             reject_own_address=options.take("reject_own_address", bool, True),
             reject_non_fqdn=options.take("reject_non_fqdn", bool, False),
             reject_unknown=options.take("reject_unknown", bool, False),
-            unknown_code=unknown_code,
+            unknown_code=reply_code(options, "unknown_code", 450),
             on_dns_failure=options.choice("on_dns_failure", ("continue", "defer"), "continue"),
         )
 
@@ -185,7 +176,7 @@ class Helo:
         return CONTINUE
 
     def _claims_our_address(self, literal: IPAddress, peer: str) -> bool:
-        client = _client_address(peer)
+        client = client_address(peer)
         if client is None or client.is_loopback or client == literal:
             return False  # a client on this host, or one telling the truth about itself
         mapped = literal.ipv4_mapped if isinstance(literal, ipaddress.IPv6Address) else None
@@ -208,23 +199,13 @@ class Helo:
         def failed(failure: Failure) -> Verdict | Failure:
             if isinstance(failure.value, NullMX):
                 return CONTINUE  # an MX record, if a null one: the name is in the DNS
-            if isinstance(failure.value, NoSuchDomain):
-                return self._unknown(helo)
-            if not isinstance(failure.value, DnsTemporaryError):
-                return failure  # a bug: the runner's failure verdict
-            if self.on_dns_failure == "defer":
-                return Verdict(
-                    Action.DEFER,
-                    f"<{helo}>: Helo command rejected: Host not found, try again later",
-                    code=450,
-                    enhanced="4.7.1",
-                )
-            return CONTINUE
+            return lookup_failed(failure, lambda: self._unknown(helo), temporary)
+
+        def temporary() -> Verdict:
+            reason = f"<{helo}>: Helo command rejected: Host not found, try again later"
+            return dns_failure(self.on_dns_failure, reason)
 
         return self.dns.addresses(name).addCallbacks(addresses, failed)
 
     def _unknown(self, helo: str) -> Verdict:
-        reason = f"<{helo}>: Helo command rejected: Host not found"
-        if self.unknown_code == 550:
-            return Verdict.reject(reason, 550, "5.7.1")
-        return Verdict(Action.DEFER, reason, code=450, enhanced="4.7.1")
+        return refusal(f"<{helo}>: Helo command rejected: Host not found", self.unknown_code, "7.1")

@@ -27,6 +27,7 @@ from zope.interface import implementer
 from gateway.config import Section
 from gateway.delivery.resolver import DnsTemporaryError, NoSuchDomain
 from gateway.filters import FilterServices, Request
+from gateway.filters._dnscheck import client_address, dns_failure, lookup_failed, refusal, reply_code
 from gateway.filters.dns import Lookups
 from gateway.interfaces import IFilter
 from gateway.model import CONTINUE, Action, Stage, Verdict
@@ -34,16 +35,6 @@ from gateway.model import CONTINUE, Action, Stage, Verdict
 HEADER = "X-Mailgate-Reverse-Dns"
 OUTCOMES = ("reject", "tag", "continue")
 MAX_NAMES = 5  # PTR names followed forward, as a bound on the work one client can cause
-
-
-def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
 
 
 def _same(found: list[str], client: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -84,23 +75,18 @@ class ReverseDns:
 
     @classmethod
     def from_config(cls, options: Section, services: FilterServices) -> ReverseDns:
-        reject_code = options.take("reject_code", int, 450)
-        if reject_code not in (450, 550):
-            raise options.error(
-                "reject_code", f"must be 450 (temporary) or 550 (permanent), not {reject_code}"
-            )
         return cls(
             services.dns,
             no_ptr=options.choice("no_ptr", OUTCOMES, "tag"),
             not_confirmed=options.choice("not_confirmed", OUTCOMES, "tag"),
             no_ptr_score=options.take("no_ptr_score", float, 1.0),
             not_confirmed_score=options.take("not_confirmed_score", float, 0.5),
-            reject_code=reject_code,
+            reject_code=reply_code(options, "reject_code", 450),
             on_dns_failure=options.choice("on_dns_failure", ("continue", "defer"), "continue"),
         )
 
     def check(self, request: Request) -> Verdict | Deferred[Verdict]:
-        client = _address(request.session.peer_host)
+        client = client_address(request.session.peer_host)
         if client is None:
             return CONTINUE
         return self.dns.ptr(str(client)).addCallbacks(
@@ -108,11 +94,7 @@ class ReverseDns:
         )
 
     def _ptr_failed(self, failure: Failure, client: Any) -> Verdict | Failure:
-        if isinstance(failure.value, NoSuchDomain):
-            return self._no_ptr(client)
-        if not isinstance(failure.value, DnsTemporaryError):
-            return failure  # a bug: the runner's failure verdict
-        return self._dns_failure(client)
+        return lookup_failed(failure, lambda: self._no_ptr(client), lambda: self._dns_failure(client))
 
     def _names(self, names: list[str], client: Any) -> Verdict | Deferred[Verdict]:
         names = [name for name in dict.fromkeys(names) if name][:MAX_NAMES]
@@ -149,21 +131,13 @@ class ReverseDns:
             "none",
         )
 
-    def _outcome(self, choice: str, score: float, refusal: str, note: str, header: str) -> Verdict:
+    def _outcome(self, choice: str, score: float, refused: str, note: str, header: str) -> Verdict:
         if choice == "continue":
             return CONTINUE
         if choice == "tag":
             return Verdict(Action.TAG, note, score, headers=((HEADER, header),))
-        if self.reject_code == 550:
-            return Verdict.reject(refusal, 550, "5.7.1")
-        return Verdict(Action.DEFER, refusal, code=450, enhanced="4.7.1")
+        return refusal(refused, self.reject_code, "7.1")
 
     def _dns_failure(self, client: Any) -> Verdict:
-        if self.on_dns_failure == "defer":
-            return Verdict(
-                Action.DEFER,
-                f"Client host rejected: cannot find your hostname, [{client}]; try again later",
-                code=450,
-                enhanced="4.7.1",
-            )
-        return CONTINUE
+        reason = f"Client host rejected: cannot find your hostname, [{client}]; try again later"
+        return dns_failure(self.on_dns_failure, reason)

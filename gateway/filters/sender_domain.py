@@ -16,11 +16,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.config import Section
-from gateway.delivery.resolver import DnsTemporaryError, NoSuchDomain, NullMX
+from gateway.delivery.resolver import NullMX
 from gateway.filters import FilterServices, Request
+from gateway.filters._dnscheck import dns_failure, lookup_failed, refusal, reply_code
 from gateway.filters.dns import Lookups
 from gateway.interfaces import IFilter
-from gateway.model import CONTINUE, Action, Stage, Verdict
+from gateway.model import CONTINUE, Stage, Verdict
 
 
 def domain_of(address: str) -> str | None:
@@ -46,11 +47,7 @@ class SenderDomain:
 
     @classmethod
     def from_config(cls, options: Section, services: FilterServices) -> SenderDomain:
-        reject_code = options.take("reject_code", int, 550)
-        if reject_code not in (450, 550):
-            raise options.error(
-                "reject_code", f"must be 550 (permanent) or 450 (temporary), not {reject_code}"
-            )
+        reject_code = reply_code(options, "reject_code", 550)
         on_dns_failure = options.choice("on_dns_failure", ("defer", "continue"), "defer")
         return cls(services.dns, reject_code=reject_code, on_dns_failure=on_dns_failure)
 
@@ -84,21 +81,11 @@ class SenderDomain:
         return CONTINUE if addresses else self._not_found(sender)
 
     def _failed(self, failure: Failure, sender: str) -> Verdict | Failure:
-        if isinstance(failure.value, NoSuchDomain):
-            return self._not_found(sender)
-        if not isinstance(failure.value, DnsTemporaryError):
-            return failure  # a bug: the runner's failure verdict
-        if self.on_dns_failure == "continue":
-            return CONTINUE
-        return Verdict(
-            Action.DEFER,
-            f"<{sender}>: Sender address rejected: Domain not found, try again later",
-            code=450,
-            enhanced="4.1.8",
-        )
+        return lookup_failed(failure, lambda: self._not_found(sender), lambda: self._dns_failure(sender))
+
+    def _dns_failure(self, sender: str) -> Verdict:
+        reason = f"<{sender}>: Sender address rejected: Domain not found, try again later"
+        return dns_failure(self.on_dns_failure, reason, "4.1.8")
 
     def _not_found(self, sender: str) -> Verdict:
-        reason = f"<{sender}>: Sender address rejected: Domain not found"
-        if self.reject_code == 450:
-            return Verdict(Action.DEFER, reason, code=450, enhanced="4.1.8")
-        return Verdict.reject(reason, 550, "5.1.8")
+        return refusal(f"<{sender}>: Sender address rejected: Domain not found", self.reject_code, "1.8")
