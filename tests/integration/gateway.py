@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import email
+import email.message
 import json
 import os
 import signal
@@ -41,6 +43,7 @@ def gateway_config(
     route: tuple[str, str] | None = MAILDIR_ROUTE,
     queue_scan_interval: str | None = "1s",
     delivery: str = "",
+    nameserver: str | None = None,
     extra: str = "",
 ) -> str:
     """The config of a test gateway: state in `directory`, one listener on 127.0.0.1:`port`.
@@ -48,7 +51,8 @@ def gateway_config(
     `workers` and `smtp` (more lines) fill [smtp]; `credentials_file` makes an [auth] table;
     `route` is (match, transport), `{directory}` in the transport replaced, or None for no route;
     `queue_scan_interval` (None: the default) and `delivery` (more lines) fill [delivery];
-    `extra` is TOML appended at the end ([filters], [dns], more routes).
+    `nameserver` ("127.0.0.1:port", a test's DNS server) makes a [dns] table with a 3 s timeout;
+    `extra` is TOML appended at the end ([filters], more routes).
     """
     lines = [
         "[gateway]",
@@ -78,6 +82,8 @@ def gateway_config(
         if queue_scan_interval is not None:
             lines.append(f"queue_scan_interval = {json.dumps(queue_scan_interval)}")
         lines.extend(textwrap.dedent(delivery).strip().splitlines())
+    if nameserver is not None:
+        lines += ["[dns]", f"nameservers = {json.dumps([nameserver])}", 'timeout = "3s"']
     return "\n".join(lines) + "\n" + textwrap.dedent(extra).strip() + "\n"
 
 
@@ -198,6 +204,21 @@ def maildir_messages(path: str) -> list[bytes]:
     return found
 
 
+def mail_of(gateway: GatewayProcess, address: str) -> list[email.message.Message]:
+    """The messages in `address`'s Maildir (where MAILDIR_ROUTE puts them), parsed."""
+    local, domain = address.split("@")
+    path = os.path.join(gateway.directory, "mail", domain, local)
+    return [email.message_from_bytes(raw) for raw in maildir_messages(path)]
+
+
+def delivered_message(gateway: GatewayProcess, address: str, message_id: str) -> email.message.Message | None:
+    """The message with this Message-Id in `address`'s Maildir, or None if it is not there (yet)."""
+    for message in mail_of(gateway, address):
+        if message["Message-Id"] == message_id:
+            return message
+    return None
+
+
 def wait_until(predicate: object, timeout: float = 20.0, interval: float = 0.1) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -209,8 +230,10 @@ def wait_until(predicate: object, timeout: float = 20.0, interval: float = 0.1) 
 
 __all__: Sequence[str] = [
     "GatewayProcess",
+    "delivered_message",
     "free_port",
     "gateway_config",
+    "mail_of",
     "maildir_messages",
     "running_gateway",
     "wait_until",

@@ -6,13 +6,12 @@ claims to be the gateway (helo)."""
 from __future__ import annotations
 
 import email
-import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from tests.integration.gateway import GatewayProcess, maildir_messages, running_gateway, wait_until
+from tests.integration.gateway import GatewayProcess, delivered_message, running_gateway, wait_until
 from tests.integration.peer_rbldnsd import Rbldnsd
 from tests.integration.peers import require_program, require_root
 
@@ -47,26 +46,22 @@ ZONES = {
 }  # fmt: skip
 
 
-def filters(nameserver: str) -> str:
-    return f"""
-        [dns]
-        nameservers = ["{nameserver}"]
-        timeout = "3s"
-        [filters]
-        inbound = ["helo", "dnsbl", "dnsbl-rcpt", "rhsbl", "sender-domain"]
-        [filters.dnsbl]
-        # down.example: a list rbldnsd does not serve (REFUSED), as a list that is down
-        zones = ["zen.test=127.0.0.[2..11]*3", "bl2.test*1", "wl.test=127.0.[0..255].[1..3]*-5",
-                 "down.example*5"]
-        threshold = 3
-        whitelist_threshold = -1
-        [filters.dnsbl-rcpt]
-        filter = "dnsbl"
-        zones = ["rcpt-bl.test"]
-        stage = "rcpt"
-        [filters.rhsbl]
-        zones = ["dbl.test"]
-    """
+FILTERS = """
+[filters]
+inbound = ["helo", "dnsbl", "dnsbl-rcpt", "rhsbl", "sender-domain"]
+[filters.dnsbl]
+# down.example: a list rbldnsd does not serve (REFUSED), as a list that is down
+zones = ["zen.test=127.0.0.[2..11]*3", "bl2.test*1", "wl.test=127.0.[0..255].[1..3]*-5",
+         "down.example*5"]
+threshold = 3
+whitelist_threshold = -1
+[filters.dnsbl-rcpt]
+filter = "dnsbl"
+zones = ["rcpt-bl.test"]
+stage = "rcpt"
+[filters.rhsbl]
+zones = ["dbl.test"]
+"""
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +78,7 @@ def rbldnsd() -> Iterator[Rbldnsd]:
 def gateway(rbldnsd: Rbldnsd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     require_program("swaks")
     tmp = str(tmp_path_factory.mktemp("gateway"))
-    with running_gateway(tmp, workers=1, extra=filters(rbldnsd.nameserver)) as process:
+    with running_gateway(tmp, workers=1, nameserver=rbldnsd.nameserver, extra=FILTERS) as process:
         yield process
 
 
@@ -98,18 +93,14 @@ def send(swaks: Callable[..., Any], gateway: GatewayProcess, client: str, tag: s
 
 
 def delivered(gateway: GatewayProcess, tag: str) -> bool:
-    path = os.path.join(gateway.directory, "mail", "example.com", "bob")
-    ids = [email.message_from_bytes(raw)["Message-Id"] for raw in maildir_messages(path)]
-    return f"<{tag}@client.test>" in ids
+    return delivered_message(gateway, "bob@example.com", f"<{tag}@client.test>") is not None
 
 
 def message(gateway: GatewayProcess, tag: str) -> email.message.Message:
-    path = os.path.join(gateway.directory, "mail", "example.com", "bob")
-    for raw in maildir_messages(path):
-        parsed = email.message_from_bytes(raw)
-        if parsed["Message-Id"] == f"<{tag}@client.test>":
-            return parsed
-    raise AssertionError(f"{tag} was not delivered")
+    found = delivered_message(gateway, "bob@example.com", f"<{tag}@client.test>")
+    if found is None:
+        raise AssertionError(f"{tag} was not delivered")
+    return found
 
 
 def test_a_listed_client_gets_554_naming_the_zone_instead_of_the_banner(

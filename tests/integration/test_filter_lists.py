@@ -3,7 +3,6 @@ files with bad lines, and reloading the files (`mailgatectl reload`, SIGHUP) whi
 
 from __future__ import annotations
 
-import email
 import os
 import signal
 import subprocess
@@ -16,9 +15,9 @@ from tests.integration.gateway import (
     ROOT,
     TWISTD,
     GatewayProcess,
+    delivered_message,
     free_port,
     gateway_config,
-    maildir_messages,
     running_gateway,
     wait_until,
 )
@@ -68,9 +67,7 @@ def send(
 
 
 def delivered(gateway: GatewayProcess, tag: str) -> bool:
-    path = os.path.join(gateway.directory, "mail", "example.com", "bob")
-    ids = [email.message_from_bytes(raw)["Message-Id"] for raw in maildir_messages(path)]
-    return f"<{tag}@client.test>" in ids
+    return delivered_message(gateway, "bob@example.com", f"<{tag}@client.test>") is not None
 
 
 def reloads_seen(gateway: GatewayProcess) -> int:

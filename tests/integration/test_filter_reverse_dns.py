@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.gateway import GatewayProcess, maildir_messages, running_gateway, wait_until
+from tests.integration.gateway import GatewayProcess, mail_of, running_gateway, wait_until
 from tests.integration.peers import NsdServer
 
 pytestmark = pytest.mark.integration
@@ -27,33 +27,24 @@ ZONES = {
 }
 
 
-def filters(nameserver: str) -> str:
-    return f"""
-        [dns]
-        nameservers = ["{nameserver}"]
-        timeout = "3s"
-        [filters]
-        inbound = ["reverse-dns"]
-        [filters.reverse-dns]
-        no_ptr = "tag"
-        not_confirmed = "reject"
-    """
+FILTERS = """
+[filters]
+inbound = ["reverse-dns"]
+[filters.reverse-dns]
+no_ptr = "tag"
+not_confirmed = "reject"
+"""
 
 
 def messages_to_bob(gateway: GatewayProcess) -> dict[str, email.message.Message]:
-    path = os.path.join(gateway.directory, "mail", "example.com", "bob")
-    found = {}
-    for raw in maildir_messages(path):
-        parsed = email.message_from_bytes(raw)
-        found[str(parsed["Message-Id"])] = parsed
-    return found
+    return {str(message["Message-Id"]): message for message in mail_of(gateway, "bob@example.com")}
 
 
 def test_confirmed_passes_not_confirmed_is_refused_and_no_ptr_is_tagged(
     make_nsd: Callable[..., NsdServer], swaks: Any, tmp_path: os.PathLike[str]
 ) -> None:
     nsd = make_nsd(ZONES)
-    with running_gateway(str(tmp_path), workers=0, extra=filters(nsd.nameserver)) as gateway:
+    with running_gateway(str(tmp_path), workers=0, nameserver=nsd.nameserver, extra=FILTERS) as gateway:
 
         def send(client: str, tag: str) -> Any:
             return swaks(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import email
 import os
 import shutil
 import socket
@@ -18,6 +17,7 @@ from tests.integration.gateway import (
     GatewayProcess,
     free_port,
     gateway_config,
+    mail_of,
     maildir_messages,
     running_gateway,
     wait_until,
@@ -39,12 +39,6 @@ def gateway(tmp_path: os.PathLike[str]) -> Iterator[GatewayProcess]:
         handle.write(f"{USER}:{hash_password(PASSWORD)}\n")
     with running_gateway(tmp, credentials_file=f"{tmp}/users") as process:
         yield process
-
-
-def mail_of(gateway: GatewayProcess, address: str) -> list[email.message.Message]:
-    local, domain = address.split("@")
-    path = os.path.join(gateway.directory, "mail", domain, local)
-    return [email.message_from_bytes(raw) for raw in maildir_messages(path)]
 
 
 def test_swaks_over_starttls_to_our_domain_lands_in_the_maildir(gateway: GatewayProcess) -> None:
