@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -181,18 +181,37 @@ class DnsLists:
 
         With `threshold`, the TXT reason is asked for only when the score reaches it.
         """
-        lookups = [self.dns.a(f"{name}.{zone}") for zone in self.zones]
-        both = DeferredList(lookups, consumeErrors=True)
-        scored = both.addCallback(self._scored, name)
+        # A count of answers still to come rather than a DeferredList: this runs
+        # for every client, and a cancelled score (the chain's timeout) need
+        # not cancel lookups whose answers the cache will keep.
+        results: list[list[str] | Failure] = [[] for _ in self.zones]
+        waiting = [len(self.zones)]
+        scored: Deferred[Score] = Deferred()
+
+        def settled(result: list[str] | Failure, index: int) -> None:
+            results[index] = result
+            waiting[0] -= 1
+            if waiting[0] == 0 and not scored.called:
+                try:
+                    score = self._scored(results, name)
+                except Exception:
+                    scored.errback()
+                else:
+                    scored.callback(score)
+
+        for index, zone in enumerate(self.zones):
+            self.dns.a(f"{name}.{zone}").addBoth(settled, index)
+        if not self.zones:
+            scored.callback(Score(name))
         if self.txt:
             scored.addCallback(self._reason, threshold)
         return scored
 
-    def _scored(self, results: list[tuple[bool, Any]], name: str) -> Score:
+    def _scored(self, results: list[list[str] | Failure], name: str) -> Score:
         answers: dict[str, list[str]] = {}
         failed = []
-        for zone, (success, result) in zip(self.zones, results, strict=True):
-            if success:
+        for zone, result in zip(self.zones, results, strict=True):
+            if not isinstance(result, Failure):
                 answers[zone] = result
                 errors = [a for a in result if _is_error_code(a)]
                 if errors:

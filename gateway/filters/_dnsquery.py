@@ -6,9 +6,14 @@ a thousand questions in flight are a thousand small objects and a few sockets.
 
 - Questions go out from a small pool of UDP sockets per address family, each
   bound to a random port by the kernel and retired after a number of uses; each
-  question has a random 16-bit id. An answer is taken only from the server the
+  question has a random 16-bit id (from the kernel's CSPRNG, read in bulk:
+  `_dnswire.RandomPool`). An answer is taken only from the server the
   question went to, with the id and the question it was asked with (RFC 5452),
   so a spoofer must guess port, id and name at once.
+- The common answers are read by hand (`_dnswire.parse_reply`), the others by
+  dnspython; both check id, header and question the same way.
+- One timer per question: the next retransmission, or the deadline when that
+  comes first.
 - A question is retransmitted with a doubling interval, turning to the next
   name server each time, until the deadline: then it fails with
   `DnsTemporaryError`.
@@ -21,9 +26,9 @@ a thousand questions in flight are a thousand small objects and a few sockets.
 from __future__ import annotations
 
 import ipaddress
-import secrets
+import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import dns.exception
@@ -37,8 +42,11 @@ from twisted.internet.protocol import ClientFactory, DatagramProtocol, Protocol
 from twisted.python.failure import Failure
 
 from gateway.delivery.resolver import DnsTemporaryError
+from gateway.filters._dnswire import RANDOM, Reply, parse_reply
 
 Server = tuple[str, int]  # (ip, port)
+Response = dns.message.Message | Reply  # NOERROR or NXDOMAIN, read by dnspython or by hand
+Notify = Callable[[Response | DnsTemporaryError], None]
 
 EDNS_PAYLOAD = 1232  # the DNS flag day 2020 size: no IP fragmentation
 SOCKETS_PER_FAMILY = 8
@@ -70,7 +78,11 @@ def wire_name(name: str) -> bytes | None:
     Written by hand rather than with dnspython: this is on the path of every
     DNSBL question, and dnspython's Name objects cost several times more.
     """
-    text = name.strip().rstrip(".").lower()
+    return normal_wire_name(name.strip().rstrip(".").lower())
+
+
+def normal_wire_name(text: str) -> bytes | None:
+    """`wire_name` of a name already lower case, without blanks or a trailing dot."""
     if not text:
         return None
     try:
@@ -87,13 +99,16 @@ def wire_name(name: str) -> bytes | None:
     return wire if len(wire) <= 255 else None
 
 
+_QUERY_HEADER = struct.Struct("!HHHHHH")
+_QUESTION_TAIL = struct.Struct("!HH")
+_OPT = b"\x00" + struct.pack("!HHIH", 41, EDNS_PAYLOAD, 0, 0)  # the root's OPT, no options
+
+
 def query_wire(query_id: int, qname: bytes, rdtype: int, *, edns: bool) -> bytes:
     """A recursive query for (qname, rdtype, IN), with an EDNS0 OPT record when `edns`."""
-    header = struct.pack("!HHHHHH", query_id, 0x0100, 1, 0, 0, 1 if edns else 0)  # RD
-    question = qname + struct.pack("!HH", rdtype, 1)
-    if not edns:
-        return header + question
-    return header + question + b"\x00" + struct.pack("!HHIH", 41, EDNS_PAYLOAD, 0, 0)
+    header = _QUERY_HEADER.pack(query_id, 0x0100, 1, 0, 0, 1 if edns else 0)  # RD
+    question = qname + _QUESTION_TAIL.pack(rdtype, 1)
+    return header + question + _OPT if edns else header + question
 
 
 def _family(server: Server) -> int:
@@ -111,10 +126,11 @@ class _Socket(DatagramProtocol):
         self.pending: dict[int, _Question] = {}
         self.uses = 0
         self.port: Any = None  # IListeningPort
+        self.raw: Any = None  # its socket.socket, when it has one (not in tests' fakes)
 
     def allocate(self, question: _Question) -> int:
         while True:
-            query_id = secrets.randbelow(65536)
+            query_id = RANDOM.number()
             if query_id not in self.pending:
                 self.pending[query_id] = question
                 self.uses += 1
@@ -125,10 +141,22 @@ class _Socket(DatagramProtocol):
         if not self.pending and self.uses >= USES_PER_SOCKET:
             self.querier._retire(self)
 
+    def send(self, wire: bytes, server: Server) -> None:
+        """Send a question; OSError when the kernel will not.
+
+        Straight to the socket when there is one: Twisted's `write` checks that
+        the address is an IP address of the socket's family every time, and
+        ours were checked once, when the configuration was read.
+        """
+        if self.raw is not None:
+            self.raw.sendto(wire, server)
+        else:
+            self.transport.write(wire, server)  # type: ignore[union-attr]
+
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         if len(datagram) < 12:
             return
-        (query_id,) = struct.unpack("!H", datagram[:2])
+        query_id = datagram[0] << 8 | datagram[1]
         question = self.pending.get(query_id)
         if question is not None:
             question.received(self, query_id, datagram, (addr[0], addr[1]))
@@ -178,44 +206,65 @@ class _TcpFactory(ClientFactory):
 class _Question:
     """One question in flight: its sends, retransmissions, deadline and answer."""
 
-    def __init__(self, querier: DnsQuerier, name: str, qname: bytes, rdtype: int) -> None:
+    def __init__(self, querier: DnsQuerier, name: str, qname: bytes, rdtype: int, notify: Notify) -> None:
         self.querier = querier
         self.name = name
         self.qname = qname  # wire form, lower case
         self.rdtype = rdtype
-        self.result: Deferred[dns.message.Message] = Deferred()
+        self.notify = notify  # called once, with the response or the DnsTemporaryError
+        self.done = False
         self.servers = querier.nameservers
-        self.turn = secrets.randbelow(len(self.servers))  # spread the load over the servers
+        # spread the load over the servers
+        self.turn = RANDOM.below(len(self.servers)) if len(self.servers) > 1 else 0
         self.failed: set[Server] = set()
         self.no_edns: set[Server] = set()
         self.sent: dict[tuple[_Socket, int], tuple[Server, bool]] = {}  # -> (server, with EDNS)
         self.interval = min(FIRST_RETRY, querier.timeout / 3)
-        clock = querier.clock
-        self.deadline = clock.callLater(querier.timeout, self._timed_out)
-        self.retry: Any = None  # IDelayedCall
+        self.deadline = querier.clock.seconds() + querier.timeout
+        self.timer: Any = None  # the IDelayedCall of the next retransmission, or of the deadline
+        self.timer_is_deadline = False
         self.tcp = False  # asking over TCP: no UDP retransmissions meanwhile
         self.connector: Any = None  # the TCP connection's IConnector
 
     def describe(self) -> str:
         return f"{self.name}/{dns.rdatatype.to_text(dns.rdatatype.RdataType.make(self.rdtype))}"
 
+    # -- time -------------------------------------------------------------------------------
+
+    def _wake_in(self, seconds: float) -> None:
+        """Retransmit in `seconds`, or give up at the deadline if that comes first."""
+        now = self.querier.clock.seconds()
+        at_deadline = now + seconds >= self.deadline
+        delay = max(0.0, self.deadline - now) if at_deadline else seconds
+        self.timer_is_deadline = at_deadline
+        if self.timer is not None and self.timer.active():
+            self.timer.reset(delay)
+        else:
+            self.timer = self.querier.clock.callLater(delay, self._woken)
+
+    def _woken(self) -> None:
+        self.timer = None
+        if self.timer_is_deadline:
+            self._timed_out()
+        else:
+            self.send_next()
+
     # -- sending ----------------------------------------------------------------------------
 
     def send_next(self) -> None:
         """Ask the next server that has not refused; retransmit later unless answered."""
-        if self.result.called or self.tcp:
+        if self.done or self.tcp:
             return
-        candidates = [s for s in self.servers if s not in self.failed]
+        candidates = [s for s in self.servers if s not in self.failed] if self.failed else self.servers
         if not candidates:
             self._finish(DnsTemporaryError(f"{self.describe()}: every name server refused or failed"))
             return
         server = candidates[self.turn % len(candidates)]
         self.turn += 1
         self._send(server)
-        if self.retry is not None and self.retry.active():
-            self.retry.cancel()
-        self.retry = self.querier.clock.callLater(self.interval, self.send_next)
-        self.interval *= 2
+        if not self.done:
+            self._wake_in(self.interval)
+            self.interval *= 2
 
     def _send(self, server: Server) -> None:
         try:
@@ -229,8 +278,7 @@ class _Question:
         edns = server not in self.no_edns
         self.sent[sock, query_id] = (server, edns)
         try:
-            wire = query_wire(query_id, self.qname, self.rdtype, edns=edns)
-            sock.transport.write(wire, server)  # type: ignore[union-attr]
+            sock.send(query_wire(query_id, self.qname, self.rdtype, edns=edns), server)
         except OSError as error:
             sock.release(query_id)
             del self.sent[sock, query_id]
@@ -260,22 +308,26 @@ class _Question:
         if sent is None or not _same_server(sent[0], addr):
             return  # not from the server we asked: ignore, as a spoofed answer would be
         server, edns = sent
-        try:
-            response = dns.message.from_wire(datagram)
-        except (dns.exception.DNSException, ValueError, UnicodeError):
-            return  # garbage: wait for a real answer or the deadline
-        if not self._matches(response, query_id):
-            return
+        response: Response | None = parse_reply(datagram, query_id, self.qname, self.rdtype)
+        if response is None:  # not one of the common shapes: dnspython reads it and decides
+            try:
+                response = dns.message.from_wire(datagram)
+            except (dns.exception.DNSException, ValueError, UnicodeError):
+                return  # garbage: wait for a real answer or the deadline
+            if not self._matches(response, query_id):
+                return
+            if response.flags & dns.flags.TC:
+                sock.release(query_id)
+                del self.sent[sock, query_id]
+                if not self.tcp:
+                    self._ask_over_tcp(server, edns)
+                return
         sock.release(query_id)
         del self.sent[sock, query_id]
-        if response.flags & dns.flags.TC:
-            if not self.tcp:
-                self._ask_over_tcp(server, edns)
-            return
         self.answered(server, edns, response)
 
-    def answered(self, server: Server, edns: bool, response: dns.message.Message) -> None:
-        rcode = response.rcode()
+    def answered(self, server: Server, edns: bool, response: Response) -> None:
+        rcode = response.rcode if isinstance(response, Reply) else response.rcode()
         if rcode in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
             self._finish(response)
         elif rcode == dns.rcode.FORMERR and edns and server not in self.no_edns:
@@ -283,27 +335,25 @@ class _Question:
             self._send(server)
         else:
             self.failed.add(server)
-            self.querier.log_problem(
-                f"{server[0]}:{server[1]} answered {dns.rcode.to_text(rcode)} for {self.describe()}"
-            )
+            problem = dns.rcode.to_text(dns.rcode.Rcode.make(rcode))
+            self.querier.log_problem(f"{server[0]}:{server[1]} answered {problem} for {self.describe()}")
             if self.tcp:
                 self.tcp = False
             self.send_next()
 
     def _ask_over_tcp(self, server: Server, edns: bool) -> None:
         self.tcp = True
-        if self.retry is not None and self.retry.active():
-            self.retry.cancel()
+        self._wake_in(math.inf)  # no retransmissions meanwhile: only the deadline
         answered: Deferred[bytes] = Deferred()
-        remaining = max(1.0, self.deadline.getTime() - self.querier.clock.seconds())
-        query_id = secrets.randbelow(65536)
+        remaining = max(1.0, self.deadline - self.querier.clock.seconds())
+        query_id = RANDOM.number()
         wire = query_wire(query_id, self.qname, self.rdtype, edns=edns)
         self.connector = self.querier.reactor.connectTCP(
             server[0], server[1], _TcpFactory(wire, answered), remaining
         )
 
         def parsed(wire: bytes) -> None:
-            if self.result.called:
+            if self.done:
                 return
             try:
                 response = dns.message.from_wire(wire)
@@ -316,7 +366,7 @@ class _Question:
             self.answered(server, edns, response)
 
         def failed(problem: str) -> None:
-            if self.result.called:
+            if self.done:
                 return
             self.tcp = False
             self.connector = None
@@ -339,28 +389,28 @@ class _Question:
     def cancel(self, reason: str) -> None:
         self._finish(DnsTemporaryError(f"{self.describe()}: {reason}"))
 
-    def _finish(self, outcome: dns.message.Message | Exception) -> None:
-        if self.result.called:
+    def _finish(self, outcome: Response | DnsTemporaryError) -> None:
+        if self.done:
             return
+        self.done = True
         for sock, query_id in list(self.sent):
             sock.release(query_id)
         self.sent.clear()
-        for call in (self.retry, self.deadline):
-            if call is not None and call.active():
-                call.cancel()
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
         if self.connector is not None:
             self.connector.disconnect()  # a TCP answer still coming is not wanted any more
             self.connector = None
         self.querier._done(self)
-        if isinstance(outcome, Exception):
-            self.result.errback(outcome)
-        else:
-            self.result.callback(outcome)
+        self.notify(outcome)
 
 
 def _same_server(expected: Server, got: Server) -> bool:
     if expected[1] != got[1]:
         return False
+    if expected[0] == got[0]:
+        return True  # the usual case, without parsing both addresses
     try:
         return ipaddress.ip_address(expected[0]) == ipaddress.ip_address(got[0].split("%")[0])
     except ValueError:
@@ -392,7 +442,7 @@ class DnsQuerier:
         self.retired: list[_Socket] = []
         self.in_flight: set[_Question] = set()
 
-    def query(self, name: str, rdtype: str | int) -> Deferred[dns.message.Message]:
+    def query(self, name: str, rdtype: str | int) -> Deferred[Response]:
         """The name servers' answer (NOERROR or NXDOMAIN); `DnsTemporaryError` otherwise.
 
         ValueError when `name` cannot be a DNS name (see `wire_name`).
@@ -400,12 +450,25 @@ class DnsQuerier:
         qname = wire_name(name)
         if qname is None:
             raise ValueError(f"{name!r} is not a DNS name")
-        question = _Question(
-            self, name.strip().rstrip(".").lower(), qname, dns.rdatatype.RdataType.make(rdtype)
-        )
+        result: Deferred[Response] = Deferred()
+
+        def notify(outcome: Response | DnsTemporaryError) -> None:
+            if isinstance(outcome, Exception):
+                result.errback(outcome)
+            else:
+                result.callback(outcome)
+
+        self.ask(name.strip().rstrip(".").lower(), qname, dns.rdatatype.RdataType.make(rdtype), notify)
+        return result
+
+    def ask(self, name: str, qname: bytes, rdtype: int, notify: Notify) -> None:
+        """`query` without a Deferred, for `DnsLookups`: `notify` gets the response or the error.
+
+        `name` is the normal text form (for messages), `qname` its `wire_name`.
+        """
+        question = _Question(self, name, qname, rdtype, notify)
         self.in_flight.add(question)
         question.send_next()
-        return question.result
 
     def _socket(self, family: int) -> _Socket:
         pool = self.sockets[family]
@@ -413,9 +476,10 @@ class DnsQuerier:
             sock = _Socket(self, family)
             interface = "::" if family == 6 else "0.0.0.0"
             sock.port = self.reactor.listenUDP(0, sock, interface=interface)
+            sock.raw = getattr(sock.port, "socket", None)
             pool.append(sock)
             return sock
-        sock = pool[secrets.randbelow(len(pool))]
+        sock = pool[RANDOM.below(len(pool))]
         if sock.uses + 1 >= USES_PER_SOCKET:
             pool.remove(sock)  # this is its last question; closed once its last answer is in
             self.retired.append(sock)

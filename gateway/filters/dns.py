@@ -52,7 +52,15 @@ from twisted.python.failure import Failure
 
 from gateway.config import ConfigError, DnsConfig
 from gateway.delivery.resolver import DnsTemporaryError, NoSuchDomain, NullMX, mx_answer
-from gateway.filters._dnsquery import DnsQuerier, Server, parse_nameserver, wire_name
+from gateway.filters._dnsquery import (
+    DnsQuerier,
+    Response,
+    Server,
+    normal_wire_name,
+    parse_nameserver,
+    wire_name,
+)
+from gateway.filters._dnswire import Reply
 
 __all__ = [
     "DnsLookups",
@@ -82,6 +90,8 @@ class _Answer:
 
 
 _NOT_FOUND = _Answer((), exists=False)
+_NO_RECORDS = _Answer()
+_RDTYPES = {"A": 1, "AAAA": 28, "TXT": 16, "PTR": 12, "MX": 15}  # dnspython's numbers, looked up once
 
 
 def normal_name(name: str) -> str:
@@ -109,10 +119,10 @@ def _value(rdtype: str, rdata: Any) -> Any:
     raise ValueError(f"unsupported record type {rdtype}")
 
 
-def interpret(
-    response: dns.message.Message, rdtype: str, negative_ttl: float = NEGATIVE_TTL
-) -> tuple[_Answer, float]:
+def interpret(response: Response, rdtype: str, negative_ttl: float = NEGATIVE_TTL) -> tuple[_Answer, float]:
     """(answer, seconds it may be cached) from a NOERROR or NXDOMAIN response to one question."""
+    if isinstance(response, Reply):
+        return _interpret_reply(response, negative_ttl)
     if response.rcode() == dns.rcode.NXDOMAIN:
         return _NOT_FOUND, _negative_ttl(response, negative_ttl)
     wanted = dns.rdatatype.from_text(rdtype)
@@ -129,6 +139,16 @@ def interpret(
         ttls.append(alias.ttl)
         name = alias[0].target
     return _Answer(), _negative_ttl(response, negative_ttl)
+
+
+def _interpret_reply(reply: Reply, negative_ttl: float) -> tuple[_Answer, float]:
+    """`interpret` for an answer read by hand (no CNAMEs there: those go to dnspython)."""
+    if reply.rcode != dns.rcode.NXDOMAIN and reply.ttl is not None:
+        return _Answer(reply.values), min(reply.ttl, MAX_TTL)
+    negative = (
+        negative_ttl if reply.negative_ttl is None else float(min(reply.negative_ttl, MAX_NEGATIVE_TTL))
+    )
+    return (_NOT_FOUND if reply.rcode == dns.rcode.NXDOMAIN else _NO_RECORDS), negative
 
 
 def _negative_ttl(response: dns.message.Message, default: float) -> float:
@@ -261,31 +281,37 @@ class DnsLookups(Lookups):
         if waiting is not None:
             waiting.append(result)
             return result
-        if wire_name(key[0]) is None:
+        qname = normal_wire_name(key[0])
+        if qname is None:
             return succeed(_NOT_FOUND)  # no DNS name can be like that
         self._in_flight[key] = [result]
         self.questions += 1
-        asked = self.querier.query(key[0], rdtype)
-        asked.addCallbacks(self._answered, self._failed, callbackArgs=(key,), errbackArgs=(key,))
+        rdtype_number = _RDTYPES.get(rdtype) or dns.rdatatype.from_text(rdtype)
+        self.querier.ask(key[0], qname, rdtype_number, lambda outcome: self._settled(key, outcome))
         return result
 
-    def _answered(self, response: dns.message.Message, key: tuple[str, str]) -> None:
+    def _settled(self, key: tuple[str, str], outcome: Response | Exception) -> None:
+        """The querier's answer or error for `key`: cache it, and tell whoever waits for it."""
+        if isinstance(outcome, Exception):
+            self._failed(Failure(outcome), key)  # type: ignore[no-untyped-call]
+            return
         try:
-            answer, ttl = interpret(response, key[1], self.negative_ttl)
+            answer, ttl = interpret(outcome, key[1], self.negative_ttl)
         except Exception:
             self._failed(Failure(), key)  # type: ignore[no-untyped-call]
             return
         if ttl > 0:
-            self._cache[key] = (self.clock.seconds() + ttl, answer)
-            self._cache.move_to_end(key)
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        for waiter in self._in_flight.pop(key, []):
+            cache = self._cache
+            cache[key] = (self.clock.seconds() + ttl, answer)
+            cache.move_to_end(key)
+            while len(cache) > self.cache_size:
+                cache.popitem(last=False)
+        for waiter in self._in_flight.pop(key, ()):
             if not waiter.called:  # a waiter cancelled by its filter's timeout
                 waiter.callback(answer)
 
     def _failed(self, failure: Failure, key: tuple[str, str]) -> None:
-        for waiter in self._in_flight.pop(key, []):
+        for waiter in self._in_flight.pop(key, ()):
             if not waiter.called:
                 waiter.errback(failure)
 
