@@ -18,6 +18,7 @@ turns into a 5xx.
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -39,6 +40,12 @@ HEADER = "X-Mailgate-Dnsbl"
 
 def reversed_address(text: str) -> str | None:
     """The DNSBL form of an IP address: "2.0.0.127" for 127.0.0.2, nibbles for IPv6; None if no IP."""
+    try:
+        octets = socket.inet_pton(socket.AF_INET, text)  # the usual client, without ipaddress's cost
+    except OSError:
+        pass
+    else:
+        return f"{octets[3]}.{octets[2]}.{octets[1]}.{octets[0]}"
     try:
         address = ipaddress.ip_address(text)
     except ValueError:

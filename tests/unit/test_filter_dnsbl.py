@@ -224,6 +224,9 @@ def test_ipv6_and_ipv4_mapped_clients() -> None:
         reversed_address("2001:db8::5") == "5.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2"
     )
     assert reversed_address("unix-socket") is None
+    assert reversed_address("192.0.2.10") == "10.2.0.192"
+    for not_an_address in ("192.0.2.010", "192.0.2", "192.0.2.256", ""):
+        assert reversed_address(not_an_address) is None
 
 
 # -- configuration -----------------------------------------------------------------------------
