@@ -276,7 +276,7 @@ class _Walk:
         self.hits.append(hit)
         envelope = request.envelope
         log.info(
-            "filter: {name} {action} at {stage} [{peer}]{sender}{rcpt}: {reason}{score}",
+            "filter: {name} {action} at {stage} [{peer}]{sender}{rcpt}: {reason}{score} ({ms:.1f} ms)",
             name=link.name,
             action=verdict.action.value + (" (failure verdict)" if failed else ""),
             stage=request.stage.value,
@@ -285,6 +285,7 @@ class _Walk:
             rcpt=f" to=<{recipient}>" if recipient is not None else "",
             reason=verdict.reason or "-",
             score=f" score={verdict.score:g}" if verdict.score else "",
+            ms=elapsed * 1000,
         )
 
     def _consider(self, link: Link, verdict: Verdict) -> Outcome | None:
