@@ -8,10 +8,12 @@ Why dnspython messages over Twisted UDP (`gateway.filters._dnsquery`) rather
 than twisted.names' `client.Resolver`: the latter opens a new UDP socket for
 every query (a thousand lookups in flight are a thousand file descriptors),
 its cache has no size bound and no negative caching, and its errors are its
-own. dnspython, which delivery already uses, builds and parses the messages
-(TTLs, the SOA of a negative answer, CNAME chains); a small querier of our own
-carries them on a few sockets with random ports and ids, retransmits, and
-turns to TCP for a truncated answer.
+own. dnspython, which delivery already uses, parses the uncommon answers
+(CNAME chains, TXT, MX, truncation); the common ones (a DNSBL's A records, any
+NXDOMAIN or NODATA with its SOA) are read by hand (`_dnswire`), held to
+dnspython by property tests. A small querier of our own carries the questions
+on a few sockets with random ports and ids, retransmits, and turns to TCP for
+a truncated answer.
 
 Rules shared with the fake (`StaticDnsLookups`), checked by the same contract
 tests (tests/unit/test_filter_dns.py):
