@@ -25,6 +25,7 @@ a thousand questions in flight are a thousand small objects and a few sockets.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import struct
@@ -115,7 +116,9 @@ def query_wire(query_id: int, qname: bytes, rdtype: int, *, edns: bool) -> bytes
     return header + question + _OPT if edns else header + question
 
 
+@functools.lru_cache(maxsize=64)
 def _family(server: Server) -> int:
+    """4 or 6 for a name server (there are a few, asked thousands of times a second)."""
     return ipaddress.ip_address(server[0]).version
 
 
