@@ -55,7 +55,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 from _sysstat import Snapshot, compare  # noqa: E402
-from relay_bench import SINK_PORT, Processes, Sink, wait_banner  # noqa: E402
+from relay_bench import SINK_PORT, Gateway, Processes, Sink  # noqa: E402
 
 HOST = "127.0.0.1"
 GATEWAY_PORT = 2537
@@ -165,52 +165,9 @@ def free_udp_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class Gateway:
-    def __init__(self, procs: Processes, directory: str, dns_port: int, chain: bool) -> None:
-        os.makedirs(directory, exist_ok=True)
-        self.config = os.path.join(directory, "mailgate.toml")
-        self.log = os.path.join(directory, "gateway.log")
-        with open(self.config, "w") as handle:
-            handle.write(
-                GATEWAY_CONFIG.format(
-                    state=os.path.join(directory, "state"),
-                    port=GATEWAY_PORT,
-                    dns_port=dns_port,
-                    sink_port=SINK_PORT,
-                )
-            )
-            if chain:
-                handle.write(CHAIN_CONFIG)
-        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self._log = open(self.log, "wb")  # noqa: SIM115 (closed in stop())
-        self.procs = procs
-        self.proc = procs.start(
-            [
-                sys.executable,
-                "-m",
-                "twisted",
-                "--reactor",
-                "epoll",
-                "--log-format",
-                "text",
-                "mailgate",
-                "--config",
-                self.config,
-            ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=directory,
-            env=env,
-        )
-        wait_banner(GATEWAY_PORT, 60, self.proc)
-
-    def stop(self) -> None:
-        self.procs.stop(self.proc, timeout=30)
-        self._log.close()
-
-    def log_count(self, text: str) -> int:
-        with open(self.log, errors="replace") as handle:
-            return sum(text in line for line in handle)
+def gateway(procs: Processes, directory: str, dns_port: int, chain: bool) -> Gateway:
+    config = GATEWAY_CONFIG.format(state="{state}", port=GATEWAY_PORT, dns_port=dns_port, sink_port=SINK_PORT)
+    return Gateway(procs, directory, sys.executable, config + (CHAIN_CONFIG if chain else ""), GATEWAY_PORT)
 
 
 async def read_reply(reader: asyncio.StreamReader) -> bytes:
@@ -328,7 +285,7 @@ def banners_received(sockets: list[socket.socket]) -> int:
 def run_cell(procs: Processes, work: str, dns: RblDns, name: str, args: argparse.Namespace) -> dict[str, Any]:
     # the proxy costs CPU too: the stalled cell is compared with the same chain through it
     port = dns.proxy_port if name in ("proxied", "chain+stalled") else dns.port
-    gateway = Gateway(procs, os.path.join(work, name), port, chain=name != "core")
+    gw = gateway(procs, os.path.join(work, name), port, chain=name != "core")
     try:
         asyncio.run(load(1.0, args.concurrency, args.message))  # warm-up: imports, first lookups
         stalled: list[socket.socket] = []
@@ -337,14 +294,14 @@ def run_cell(procs: Processes, work: str, dns: RblDns, name: str, args: argparse
             time.sleep(1.0)
         before = Snapshot.take()
         result = asyncio.run(load(args.seconds, args.concurrency, args.message))
-        result["cpu"] = compare(before, Snapshot.take(), {gateway.proc.pid})
+        result["cpu"] = compare(before, Snapshot.take(), {gw.pid})
         if stalled:
             result["stalled_without_banner"] = STALLED - banners_received(stalled)
             for sock in stalled:
                 sock.close()
         return result
     finally:
-        gateway.stop()
+        gw.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

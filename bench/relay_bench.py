@@ -211,14 +211,23 @@ def last_counter(path: str) -> int:
 class Gateway:
     """One gateway process (twistd plugin) with a fresh state directory."""
 
-    def __init__(self, procs: Processes, directory: str, python: str) -> None:
+    def __init__(
+        self,
+        procs: Processes,
+        directory: str,
+        python: str,
+        config: str | None = None,
+        port: int = GATEWAY_PORT,
+    ) -> None:
+        """`config` is the configuration text ("{state}" in it is the state directory)."""
         self.directory = directory
         self.state = os.path.join(directory, "state")
         self.config = os.path.join(directory, "mailgate.toml")
         self.log = os.path.join(directory, "gateway.log")
         os.makedirs(directory, exist_ok=True)
+        text = GATEWAY_CONFIG.format(state=self.state, port=GATEWAY_PORT, sink_port=SINK_PORT)
         with open(self.config, "w") as f:
-            f.write(GATEWAY_CONFIG.format(state=self.state, port=GATEWAY_PORT, sink_port=SINK_PORT))
+            f.write(text if config is None else config.replace("{state}", self.state))
         env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self._log = open(self.log, "wb")  # noqa: SIM115 (closed in stop())
         self.proc = procs.start(
@@ -241,7 +250,7 @@ class Gateway:
         )
         self.procs = procs
         self.pid = self.proc.pid
-        wait_banner(GATEWAY_PORT, 60, self.proc)
+        wait_banner(port, 60, self.proc)
 
     def queue_count(self) -> int:
         """Files left in the spool: messages, envelopes and temporary files."""
