@@ -126,3 +126,77 @@ class HeaderScanner:
             self.done = True
             self._header = bytearray()
         return self.received
+
+
+class HeaderStripper:
+    """Takes header fields named ``X-Mailgate-*`` out of a message's header as it streams.
+
+    Our filters record their verdicts in such fields, right after our Received
+    header; a client must not be able to forge them for the servers behind us
+    (SpamAssassin drops incoming X-Spam-* fields for the same reason). Only the
+    header is looked at (up to the first empty line); a header line is held back
+    until its end is seen, but a line longer than `limit` is decided on its first
+    `limit` octets and then streamed, so memory stays bounded.
+    """
+
+    PREFIX = b"x-mailgate-"
+
+    def __init__(self, limit: int = 8192) -> None:
+        self.limit = limit
+        self.done = False
+        self._partial = b""  # the start of a header line whose end has not come yet
+        self._dropping = False  # the current field is ours to drop (continuations too)
+        self._streaming: bool | None = None  # inside an over-long line: keep it (True) or not
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.done:
+            return chunk
+        out: list[bytes] = []
+        data = self._partial + chunk if self._partial else chunk
+        self._partial = b""
+        start = 0
+        if self._streaming is not None:  # the rest of an over-long line
+            end = data.find(b"\n")
+            if end < 0:
+                return data if self._streaming else b""
+            if self._streaming:
+                out.append(data[: end + 1])
+            self._streaming = None
+            start = end + 1
+        while True:
+            end = data.find(b"\n", start)
+            if end < 0:
+                break
+            line = data[start : end + 1]
+            start = end + 1
+            if line == b"\r\n" or line == b"\n":  # the end of the header
+                self.done = True
+                out.append(line)
+                out.append(data[start:])
+                return b"".join(out)
+            if not self._keep(line):
+                continue
+            out.append(line)
+        rest = data[start:]
+        if len(rest) > self.limit:
+            keep = self._keep(rest)
+            self._streaming = keep
+            if keep:
+                out.append(rest)
+        else:
+            self._partial = rest
+        return b"".join(out)
+
+    def _keep(self, line: bytes) -> bool:
+        if line[:1] in (b" ", b"\t"):  # a continuation belongs to the field before it
+            return not self._dropping
+        self._dropping = line[: len(self.PREFIX)].lower() == self.PREFIX
+        return not self._dropping
+
+    def finish(self) -> bytes:
+        """What is still held back at the end of the message (a header with no body)."""
+        rest, self._partial = self._partial, b""
+        if self.done or not rest:
+            return rest
+        self.done = True
+        return rest if self._keep(rest) else b""

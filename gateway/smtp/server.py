@@ -42,7 +42,7 @@ from zope.interface import implementer
 
 from gateway.model import Body, Envelope, Role, Session
 from gateway.smtp import _sasl
-from gateway.smtp._data import DotReader, HeaderScanner, NewlineChecker, normalize_newlines
+from gateway.smtp._data import DotReader, HeaderScanner, HeaderStripper, NewlineChecker, normalize_newlines
 from gateway.smtp._session import (
     NO_CHECKS,
     IncomingMessage,
@@ -180,6 +180,7 @@ class SmtpServerProtocol(Protocol):
         self._reader = DotReader(self.settings.data_chunk_size)
         self._newlines = NewlineChecker()
         self._headers = HeaderScanner()
+        self._stripper: HeaderStripper | None = None  # forged X-Mailgate-* fields out (Internet mail)
         self._chunk_left = 0
         self._chunk_size = 0
         self._chunk_last = False
@@ -922,6 +923,8 @@ class SmtpServerProtocol(Protocol):
         self._failure = None
         self._newlines = NewlineChecker()
         self._headers = HeaderScanner()
+        internet = self.session.role is Role.INBOUND and not self.session.may_relay
+        self._stripper = HeaderStripper() if internet else None
         self._carry = b""
         return None
 
@@ -981,6 +984,8 @@ class SmtpServerProtocol(Protocol):
         if self._headers.done and self._headers.received > self.settings.max_hops:
             self._fail(Reply(554, "5.4.6", "Too many hops: mail forwarding loop"))
             return
+        if self._stripper is not None:
+            content = self._stripper.feed(content)
         try:
             self._message.write(content)
         except Exception:
@@ -1013,6 +1018,12 @@ class SmtpServerProtocol(Protocol):
         failure = self._failure
         if failure is None and self._headers.finish() > self.settings.max_hops:
             failure = Reply(554, "5.4.6", "Too many hops: mail forwarding loop")
+        if failure is None and message is not None and self._stripper is not None:
+            try:
+                message.write(self._stripper.finish())
+            except Exception:
+                log.failure("smtpd: {queue_id}: cannot write the message", queue_id=self._queue_id())
+                failure = TEMPORARY
         if failure is not None or envelope is None or message is None:
             self._reply_failed(command, failure or TEMPORARY)
             return
