@@ -175,6 +175,18 @@ def print_available(cfg: configuration.Config) -> None:
         print(f"{name:<{width}}  {spec:<{spec_width}}  {origin}")
 
 
+def print_filter_counters(counters: dict[str, Any]) -> None:
+    """One line per filter: calls, what it said, failures, average time (workers report every 5 s)."""
+    for name, numbers in sorted(counters.items()):
+        calls = numbers["calls"]
+        said = ", ".join(f"{action} {count}" for action, count in sorted(numbers["actions"].items()))
+        average = 1000 * numbers["seconds"] / calls if calls else 0.0
+        print(
+            f"filter {name}: {calls} checks{'; ' + said if said else ''};"
+            f" {numbers['failures']} failed ({numbers['timeouts']} timed out); {average:.2f} ms on average"
+        )
+
+
 def passwd(user: str) -> None:
     from gateway.smtp.auth import hash_password
 
@@ -231,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             status = call(sock, {"command": "status"})
             queue = ", ".join(f"{k} {v}" for k, v in status["queue"].items())
             print(f"mailgate is running (pid {status['pid']}, up {status['uptime']:.0f} s); queue: {queue}")
+            print_filter_counters(status.get("filters", {}))
         elif args.command == "reload":
             print(call(sock, {"command": "reload"}))
         elif args.action == "list":

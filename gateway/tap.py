@@ -31,6 +31,7 @@ from gateway.delivery.manager import QueueManager
 from gateway.delivery.router import Router
 from gateway.delivery.transports import ThreadPoolService, Transports
 from gateway.filters.anvil import AnvilServer, anvil_socket_path, process_anvil
+from gateway.filters.chain import add_counters
 from gateway.filters.reload import SighupReload, reloader
 from gateway.queue.spool import DirectorySpool
 from gateway.reception import Reception
@@ -263,10 +264,19 @@ def make_service(
             port.setServiceParent(top)
 
     reload = reloader(reception.runner, workers)
+
+    def counters() -> dict[str, Any]:
+        """The filters' counters of this process and (as last reported) of the SMTP workers."""
+        total: dict[str, Any] = {}
+        add_counters(total, reception.runner.snapshot())
+        for report in workers.filter_counters.values() if workers is not None else ():
+            add_counters(total, report)
+        return total
+
     SighupReload(reactor, reload).setServiceParent(top)  # installs at start, restores at stop
     control = StreamServerEndpointService(
         UNIXServerEndpoint(reactor, cfg.control_socket, mode=0o600, wantPID=True),
-        ControlFactory(manager, spool, time.time(), reload=reload),
+        ControlFactory(manager, spool, time.time(), reload=reload, filter_counters=counters),
     )
     control._raiseSynchronously = True
     control.setServiceParent(top)

@@ -77,11 +77,13 @@ class ControlFactory(Factory):
         spool: ISpool,
         started: float | None = None,
         reload: Callable[[], str] | None = None,
+        filter_counters: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.manager = manager
         self.spool = spool
         self.started = started or time.time()
         self.reload = reload
+        self.filter_counters = filter_counters
 
     def buildProtocol(self, addr: object) -> ControlProtocol:
         protocol = ControlProtocol(
@@ -106,7 +108,10 @@ class ControlFactory(Factory):
     def status(self, request: dict[str, Any]) -> dict[str, Any]:
         counts = {state: len(self.spool.list(state)) for state in ("incoming", "deferred", "hold", "corrupt")}
         counts["active"] = len(self.manager.in_flight)
-        return {"pid": os.getpid(), "uptime": time.time() - self.started, "queue": counts}
+        status: dict[str, Any] = {"pid": os.getpid(), "uptime": time.time() - self.started, "queue": counts}
+        if self.filter_counters is not None:
+            status["filters"] = self.filter_counters()
+        return status
 
     def run_reload(self, request: dict[str, Any]) -> str:
         if self.reload is None:

@@ -102,6 +102,18 @@ class FilterCounters:
     actions: dict[str, int] = attrs.field(factory=dict)
 
 
+def add_counters(total: dict[str, dict[str, Any]], more: dict[str, dict[str, Any]]) -> None:
+    """Add one process's `ChainRunner.snapshot()` into `total` (several SMTP processes)."""
+    for name, counters in more.items():
+        into = total.setdefault(
+            name, {"calls": 0, "seconds": 0.0, "failures": 0, "timeouts": 0, "actions": {}}
+        )
+        for key in ("calls", "seconds", "failures", "timeouts"):
+            into[key] += counters.get(key, 0)
+        for action, number in counters.get("actions", {}).items():
+            into["actions"][action] = into["actions"].get(action, 0) + number
+
+
 class ChainRunner:
     """The chains of one process, per direction, and the runner that walks them."""
 
@@ -141,6 +153,10 @@ class ChainRunner:
         """Run the request's stage of its direction's chain; never fails."""
         walk = _Walk(self, request, self.links(request.direction, request.stage))
         return walk.go()
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """The counters as plain values (for the control socket and the workers' reports)."""
+        return {name: attrs.asdict(counters) for name, counters in self.counters.items()}
 
     def count(self, link: Link, verdict: Verdict, elapsed: float, *, failed: bool, timed_out: bool) -> None:
         counters = self.counters.setdefault(link.name, FilterCounters())

@@ -14,6 +14,7 @@ with it; a worker that dies is started again.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import sys
@@ -25,12 +26,14 @@ from twisted.internet.address import IPv6Address
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 log = Logger(namespace="mailgate.workers")
 
 RESTART_DELAY = 1.0
+COUNTERS_EVERY = 5.0  # seconds between a worker's filter-counter reports to the main process
 
 
 class WorkerLink(ProcessProtocol):
@@ -47,7 +50,12 @@ class WorkerLink(ProcessProtocol):
         self._out += data
         *lines, self._out = self._out.split(b"\n")
         for line in lines:
-            if line:
+            if line.startswith(b"{"):  # the worker's filter counters
+                try:
+                    self.pool.filter_counters[self.index] = json.loads(line)
+                except ValueError:
+                    self.log.warn("worker {index}: unreadable counters line", index=self.index)
+            elif line:
                 self.pool.on_queued(line.decode("ascii", "replace"))
 
     def errReceived(self, data: bytes) -> None:
@@ -84,6 +92,7 @@ class SmtpWorkers(Service):
         self.on_queued = on_queued
         self.reactor = reactor
         self.links: dict[int, Any] = {}  # index -> IProcessTransport
+        self.filter_counters: dict[int, dict[str, Any]] = {}  # index -> its last report
         self.drop_privileges = False  # set by the gateway when it will drop them itself
 
     def privilegedStartService(self) -> None:
@@ -187,6 +196,12 @@ def _log_to_stderr(event: dict[str, Any]) -> None:
     sys.stderr.flush()
 
 
+def _report_counters(parent: Any, runner: Any) -> None:
+    """One line of JSON on stdout (queue ids are the other lines): the filters' counters."""
+    if parent.transport is not None and runner.counters:
+        parent.transport.write(json.dumps(runner.snapshot(), separators=(",", ":")).encode() + b"\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="gateway.smtp.workers")
     parser.add_argument("--index", type=int, required=True)
@@ -223,6 +238,9 @@ def main(argv: list[str] | None = None) -> None:
     spool.subscribe(lambda queue_id: parent.transport.write(queue_id.encode() + b"\n"))  # type: ignore[union-attr]
     reception = make_reception(cfg, spool, reactor)
     install_sighup(reactor, reloader(reception.runner))  # the main process passes SIGHUP on
+    report = LoopingCall(_report_counters, parent, reception.runner)
+    report.clock = reactor
+    report.start(COUNTERS_EVERY, now=False)
     make_factory, services = smtp_factory_maker(cfg, reception, reactor)
     for service in services:  # thread pools: stopped with the reactor, or they keep us alive
         service.startService()  # type: ignore[no-untyped-call]

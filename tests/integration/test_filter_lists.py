@@ -90,6 +90,15 @@ def test_blocked_sender_domain_gets_554_with_the_reason_and_others_are_delivered
     wait_until(lambda: delivered(gateway, "allowed-1") and delivered(gateway, "allowed-boss"))
     assert not delivered(gateway, "blocked-1")
     gateway.wait_for_log("sender domain usa.test is blocked")
+    # the hits are counted, across the SMTP workers (each reports every 5 s)
+    wait_until(lambda: "reject 1" in filter_line(gateway), timeout=15)
+    assert filter_line(gateway).startswith("filter lists: ")
+    assert "accept 1" in filter_line(gateway)  # boss@usa.test, allowed
+
+
+def filter_line(gateway: GatewayProcess) -> str:
+    lines = gateway.ctl("status").stdout.splitlines()
+    return next((line for line in lines if line.startswith("filter lists:")), "")
 
 
 def test_blocked_client_is_refused_instead_of_the_banner(gateway: GatewayProcess, swaks: Any) -> None:

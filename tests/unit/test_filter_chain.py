@@ -151,3 +151,34 @@ class RunnerTests(SynchronousTestCase):
             runner.run(request())
         self.assertEqual(runner.counters["block"].calls, 3)
         self.assertEqual(runner.counters["block"].actions, {"reject": 3})
+
+
+def test_counters_of_several_processes_add_up() -> None:
+    from gateway.filters.chain import add_counters
+
+    runner = ChainRunner(
+        {Direction.INBOUND: (Link(StaticFilter("block", {Stage.RCPT: Verdict.reject("no")})),)}, Clock()
+    )
+    runner.run(request())
+    total: dict[str, Any] = {}
+    add_counters(total, runner.snapshot())
+    add_counters(
+        total, {"block": {"calls": 2, "seconds": 0.5, "failures": 1, "timeouts": 1, "actions": {"defer": 1}}}
+    )
+    assert total["block"]["calls"] == 3
+    assert total["block"]["actions"] == {"reject": 1, "defer": 1}
+    assert (total["block"]["failures"], total["block"]["timeouts"]) == (1, 1)
+
+
+def test_a_workers_counter_line_is_kept_and_queue_ids_still_go_to_the_queue() -> None:
+    from gateway.smtp.workers import SmtpWorkers, WorkerLink
+
+    queued: list[str] = []
+    pool = SmtpWorkers(1, None, [], queued.append, Clock())
+    link = WorkerLink(pool, 1)
+    link.outReceived(
+        b'ABC123\n{"lists": {"calls": 4, "seconds": 0.1, "failures": 0, "timeouts": 0, "actions": {}}}\nDEF'
+    )
+    link.outReceived(b"456\n")
+    assert queued == ["ABC123", "DEF456"]
+    assert pool.filter_counters[1]["lists"]["calls"] == 4
