@@ -273,6 +273,24 @@ async def stall(count: int) -> list[socket.socket]:
     return sockets
 
 
+def worker_pids(parent: int) -> list[int]:
+    """The SMTP worker processes of a gateway (its children running gateway.smtp.workers)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as stat:
+                ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{name}/cmdline", "rb") as cmdline:
+                command = cmdline.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and b"gateway.smtp.workers" in command:
+            found.append(int(name))
+    return sorted(found)
+
+
 def banners_received(sockets: list[socket.socket]) -> int:
     received = 0
     for sock in sockets:
@@ -294,7 +312,10 @@ def run_cell(procs: Processes, work: str, dns: RblDns, name: str, args: argparse
             time.sleep(1.0)
         before = Snapshot.take()
         result = asyncio.run(load(args.seconds, args.concurrency, args.message))
-        result["cpu"] = compare(before, Snapshot.take(), {gw.pid})
+        named = {"main": gw.pid, "load": os.getpid(), "rbldnsd": dns.proc.pid}
+        for number, pid in enumerate(worker_pids(gw.pid), 1):
+            named[f"worker{number}"] = pid
+        result["cpu"] = compare(before, Snapshot.take(), {gw.pid}, named)
         if stalled:
             result["stalled_without_banner"] = STALLED - banners_received(stalled)
             for sock in stalled:
@@ -337,9 +358,15 @@ def main(argv: list[str] | None = None) -> int:
                     if "stalled_without_banner" in result
                     else ""
                 )
+                cpu = " ".join(
+                    f"{key.removesuffix('_cpu_pct_1core')}={value:.0f}%"
+                    for key, value in result["cpu"].items()
+                    if key.endswith("_cpu_pct_1core")
+                )
                 print(
                     f"rep {rep + 1} {name:<14} sessions/s={result['rate']:7.1f} ok={result['sessions']}"
-                    f" failed={result['failed']} unfinished={result['late']} {result['errors'] or ''}{extra}",
+                    f" failed={result['failed']} unfinished={result['late']} {result['errors'] or ''}{extra}"
+                    f"  cpu: {cpu} steal={result['cpu']['steal_pct']}%",
                     flush=True,
                 )
     finally:
