@@ -29,6 +29,13 @@ class IIncomingMessage(Interface):
     def write(data: bytes) -> None:
         """Append message bytes (CRLF line ends, dot-unstuffed)."""
 
+    def add_headers(data: bytes) -> None:
+        """Header lines (CRLF-ended) to insert after the first write, at commit.
+
+        The first write is our Received header (and the filters' headers known
+        then); end-of-data filters add theirs here, once the body is in.
+        """
+
     def commit(envelope: Envelope, session: Session, hold: bool = False) -> Deferred[str]:
         """Make the message durable: message and envelope fsync'ed, directory entries too.
 

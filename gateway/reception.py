@@ -255,12 +255,18 @@ class SessionChecks:
             hits = [*self.session_level.hits, *self.transaction.hits]
             if hits:
                 lines.append("X-Mailgate-Filters: " + "; ".join(hit.describe() for hit in hits))
-                score = sum(hit.score for hit in hits)
-                if score:
-                    lines.append(f"X-Mailgate-Score: {score:g}")
-        if not lines:
-            return b""
-        return ("\r\n".join(_one_line(line) for line in lines) + "\r\n").encode("utf-8", "replace")
+        return _header_lines(lines)
+
+    def _data_headers(self, outcome: Outcome) -> bytes:
+        """What the end-of-data stage adds: its tags, its hits, and the total score."""
+        lines = [f"{name}: {value}" for verdict in outcome.tags for name, value in verdict.headers]
+        if self.reception.headers:
+            if outcome.hits:
+                lines.append("X-Mailgate-Filters: " + "; ".join(hit.describe() for hit in outcome.hits))
+            score = sum(hit.score for hit in (*self.session_level.hits, *self.transaction.hits))
+            if score:
+                lines.append(f"X-Mailgate-Score: {score:g}")
+        return _header_lines(lines)
 
     def new_message(self, session: Session) -> IIncomingMessage:
         return self.reception.spool.new_message()
@@ -276,6 +282,9 @@ class SessionChecks:
                 message.abort()
                 self._tell_refused(request)
                 return reply
+            added = self._data_headers(outcome)
+            if added:
+                message.add_headers(added)
             return self._queue(request, envelope, message)
 
         return self.reception.runner.run(request).addCallback(decided)
@@ -381,6 +390,12 @@ class SessionChecks:
                 observer.session_closed(self.session, counts)
             except Exception:
                 log.failure("filter: {name}: session_closed failed", name=getattr(observer, "name", "?"))
+
+
+def _header_lines(lines: list[str]) -> bytes:
+    if not lines:
+        return b""
+    return ("\r\n".join(_one_line(line) for line in lines) + "\r\n").encode("utf-8", "replace")
 
 
 def _one_line(text: str) -> str:

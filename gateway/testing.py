@@ -26,6 +26,7 @@ class RecordedMessage:
         self.size = 0
         self.aborted = False
         self.committed = False
+        self.added = 0  # add_headers calls
 
     @property
     def data(self) -> bytes:
@@ -35,6 +36,11 @@ class RecordedMessage:
         if self.aborted or self.committed:
             raise RuntimeError(f"write to a finished message {self.queue_id}")
         self.chunks.append(bytes(data))
+        self.size += len(data)
+
+    def add_headers(self, data: bytes) -> None:
+        self.chunks.insert(1 + self.added, data)  # after the first write, as the spools do
+        self.added += 1
         self.size += len(data)
 
     def commit(self, envelope: Envelope, session: Session, hold: bool = False) -> Deferred[str]:

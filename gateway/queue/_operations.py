@@ -9,7 +9,7 @@ envelope before the message.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
 import attrs
@@ -27,6 +27,13 @@ class Stored:
     message: QueuedMessage
     version: int
     session: dict[str, Any] | None = None
+
+
+def _copy(source: IO[bytes], first: tuple[bytes, ...], size: int = 1 << 20) -> Iterator[bytes]:
+    """`first`, then the rest of `source` in pieces (a message may be 100 MB)."""
+    yield from first
+    while piece := source.read(size):
+        yield piece
 
 
 def client_name(session: Session) -> str:
@@ -49,8 +56,11 @@ class CommitOperation:
         size: int,
         *,
         state: str = "incoming",
+        insert: tuple[int, bytes] = (0, b""),
     ) -> None:
         self.state = state  # "incoming", or "hold" for a message a filter held
+        self.insert = insert  # (offset, header lines): end-of-data filters' headers
+        size += len(insert[1])
         self.layout = layout
         self.queue_id = queue_id
         self.chunks = chunks
@@ -65,17 +75,29 @@ class CommitOperation:
         layout, queue_id = self.layout, self.queue_id
         temp = layout.temp_message(queue_id)
         self._made.append(temp)
+        offset, inserted = self.insert
         if self.spill is not None:
             spill, self.spill = self.spill, None
             try:
                 spill.flush()
-                disk.sync_file(spill.fileno(), temp)
+                if inserted:
+                    # a big message already on disk: copy it around the new header lines
+                    self._made.append(temp + ".h")
+                    with open(temp, "rb") as written:
+                        head = written.read(offset)
+                        disk.write_file(temp + ".h", _copy(written, (head, inserted)))
+                    disk.rename(temp + ".h", temp)
+                else:
+                    disk.sync_file(spill.fileno(), temp)
             except OSError as error:
                 raise SpoolError.from_os("write", temp, error) from None
             finally:
                 spill.close()
         else:
-            disk.write_file(temp, self.chunks)
+            chunks = self.chunks
+            if inserted:
+                chunks = [*chunks[:1], inserted, *chunks[1:]]  # the first write is the first chunk
+            disk.write_file(temp, chunks)
         self.chunks = []
         directory = layout.message_dir(queue_id)
         disk.ensure_dir(directory)

@@ -44,6 +44,10 @@ class MemoryMessage:
         self._spool = spool
         self._chunks: list[bytes] = []
         self._finished = False
+        self._inserted = b""
+
+    def add_headers(self, data: bytes) -> None:
+        self._inserted += data
 
     def write(self, data: bytes) -> None:
         if self._finished:
@@ -55,7 +59,8 @@ class MemoryMessage:
         if self._finished:
             return fail(SpoolError(f"spool: {self.queue_id}: already committed or aborted"))
         self._finished = True
-        content, self._chunks = b"".join(self._chunks), []
+        chunks, self._chunks = self._chunks, []
+        content = b"".join([*chunks[:1], self._inserted, *chunks[1:]])
         return self._spool._commit(self.queue_id, content, envelope, session, hold=hold)
 
     def abort(self) -> None:

@@ -52,10 +52,17 @@ class SpoolMessage:
         self._chunks: list[bytes] = []
         self._spill: IO[bytes] | None = None
         self._finished = False
+        self._first = -1  # the length of the first write: headers are inserted after it
+        self._inserted = b""
+
+    def add_headers(self, data: bytes) -> None:
+        self._inserted += data
 
     def write(self, data: bytes) -> None:
         if self._finished:
             raise SpoolError(f"spool: {self.queue_id}: write after commit or abort")
+        if self._first < 0:
+            self._first = len(data)
         self.size += len(data)
         if self._spill is not None:
             try:
@@ -98,6 +105,7 @@ class SpoolMessage:
             self._spool.now(),
             self.size,
             state="hold" if hold else "incoming",
+            insert=(max(self._first, 0), self._inserted),
         )
         self._chunks, self._spill = [], None
         return self._spool._commit(operation)

@@ -327,3 +327,22 @@ def test_auth_guards_hear_results_and_can_lock_a_client_out() -> None:
     guard.locked = False
     assert dialogue.ask("AUTH PLAIN " + b64("\0alice\0alice-secret"))[0].startswith("235")
     assert guard.results == [("alice", False), ("alice", True)]
+
+
+def test_end_of_data_tags_are_added_to_the_message_with_the_total_score() -> None:
+    early = StaticFilter("dnsbl", {Stage.CONNECT: Verdict(Action.TAG, "listed", 2.0)})
+    content_filter = StaticFilter(
+        "bayes", {Stage.DATA: Verdict(Action.TAG, "spammy", 5.5, (("X-Spam-Flag", "YES"),))}
+    )
+    gateway = Gateway(early, content_filter)
+    dialogue = gateway.dialogue()
+    dialogue.transaction()
+    assert dialogue.send_message()[0].startswith("250")
+    _, content = gateway.only_message()
+    assert content.startswith(b"Received: ")
+    fields = [line for line in content.split(b"\r\n\r\n", 1)[0].split(b"\r\n") if line[:1] != b"\t"]
+    assert fields[1].startswith(b"X-Mailgate-Filters: dnsbl=tag score=2 (")  # written before the body
+    assert fields[2] == b"X-Spam-Flag: YES"  # added at the end of data, after the first ones
+    assert fields[3].startswith(b"X-Mailgate-Filters: bayes=tag score=5.5 (")
+    assert fields[4] == b"X-Mailgate-Score: 7.5"
+    assert fields[5] == b"Subject: hi"

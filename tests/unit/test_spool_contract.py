@@ -298,3 +298,36 @@ def test_a_failing_subscriber_does_not_fail_the_commit(case: SpoolCase) -> None:
 
 def _message(queue_id: str) -> QueuedMessage:
     return QueuedMessage(queue_id=queue_id, envelope=ENVELOPE, recipients=(), arrived=0.0, size=0)
+
+
+@pytest.mark.parametrize("body_size", [100, 20_000])  # in memory, and spilled to disk (limit 4096)
+def test_headers_added_at_the_end_go_after_the_first_write(case: SpoolCase, body_size: int) -> None:
+    message = case.spool.new_message()
+    message.write(b"Received: by gateway\r\nX-Mailgate-Filters: dnsbl=tag\r\n")
+    body = b"Subject: hi\r\n\r\n" + b"x" * body_size + b"\r\n"
+    for start in range(0, len(body), 1000):  # as the SMTP server writes: chunk after chunk
+        message.write(body[start : start + 1000])
+    message.add_headers(b"X-Spam-Flag: YES\r\n")
+    message.add_headers(b"X-Mailgate-Score: 7.5\r\n")
+    queue_id = case.wait(message.commit(ENVELOPE, SESSION))
+    if case.kind == "memory":
+        stored = case.spool.contents[queue_id]
+    else:
+        with open(case.spool.message_path(queue_id), "rb") as handle:
+            stored = handle.read()
+    assert stored == (
+        b"Received: by gateway\r\nX-Mailgate-Filters: dnsbl=tag\r\n"
+        b"X-Spam-Flag: YES\r\nX-Mailgate-Score: 7.5\r\n" + body
+    )
+    assert case.spool.load(queue_id).size == len(stored)
+
+
+def test_held_messages_wait_in_hold_and_wake_nobody(case: SpoolCase) -> None:
+    woken: list[str] = []
+    case.spool.subscribe(woken.append)
+    message = case.spool.new_message()
+    message.write(b"Subject: quota\r\n\r\nx\r\n")
+    queue_id = case.wait(message.commit(ENVELOPE, SESSION, hold=True))
+    assert woken == []
+    assert queue_id in case.spool.list("hold")
+    assert case.spool.load(queue_id).state == "hold"
