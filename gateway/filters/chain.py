@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, TimeoutError, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -186,6 +186,8 @@ class _Walk:
         self.started = 0.0
         self.inline = False
         self.inline_verdict: Verdict | None = None
+        self.timer: Any = None  # IDelayedCall of the link that waits
+        self.timed_out = False
 
     def go(self) -> Deferred[Outcome]:
         outcome = self._advance()
@@ -206,10 +208,11 @@ class _Walk:
             else:
                 if isinstance(answer, Deferred):
                     self.inline = True  # it may have fired already: then go on here
-                    answer.addTimeout(link.timeout, self.runner.clock)
                     answer.addCallbacks(self._answered, self._errored, errbackArgs=(link,))
                     self.inline = False
                     if self.inline_verdict is None:
+                        # one timer for the link that waits (cheaper than Deferred.addTimeout)
+                        self.timer = self.runner.clock.callLater(link.timeout, self._time_out, answer)
                         return None
                     verdict, self.inline_verdict = self.inline_verdict, None
                 else:
@@ -220,12 +223,26 @@ class _Walk:
                 return outcome
         return self._outcome(CONTINUE, None)
 
+    def _time_out(self, answer: Deferred[Any]) -> None:
+        self.timer = None
+        self.timed_out = True
+        answer.cancel()  # its errback (CancelledError) comes to _errored
+
+    def _stop_timer(self) -> None:
+        if self.timer is not None:
+            if self.timer.active():
+                self.timer.cancel()
+            self.timer = None
+
     def _answered(self, answer: object) -> None:
+        self._stop_timer()
         link = self.links[self.index]
         self._resume(link, self._checked(link, answer, failed=False))
 
     def _errored(self, failure: Failure, link: Link) -> None:
-        self._resume(link, self._failed(link, failure, timed_out=failure.check(TimeoutError) is not None))  # type: ignore[no-untyped-call]
+        self._stop_timer()
+        timed_out, self.timed_out = self.timed_out, False
+        self._resume(link, self._failed(link, failure, timed_out=timed_out))
 
     def _resume(self, link: Link, verdict: Verdict) -> None:
         if self.inline:
