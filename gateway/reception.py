@@ -133,8 +133,24 @@ class SessionChecks:
         self._counts = counts
         self.unknown_recipients = 0
         self.observers: list[Any] = []  # filters of the connect stage to tell of the end
-        self.session_level = _Transaction()  # from connect and HELO: applies to every message
+        self.connect_level = _Transaction()  # what the connect stage said: for every message
+        self.helo_level = _Transaction()  # what the last HELO/EHLO's stage said: for every message
         self.transaction = _Transaction()
+
+    @property
+    def session_level(self) -> _Transaction:
+        """What the connect and HELO stages said, together."""
+        first, then = self.connect_level, self.helo_level
+        return _Transaction(
+            hits=[*first.hits, *then.hits],
+            tags=[*first.tags, *then.tags],
+            hold=first.hold or then.hold,
+            discard=first.discard or then.discard,
+            redirect=then.redirect or first.redirect,
+            redirects={**first.redirects, **then.redirects},
+            discarded=first.discarded | then.discarded,
+            copies=[*first.copies, *then.copies],
+        )
 
     # --- stages --------------------------------------------------------------------
 
@@ -155,10 +171,12 @@ class SessionChecks:
 
     def _run(self, request: Request, into: _Transaction) -> Deferred[Reply | None]:
         def decided(outcome: Outcome) -> Reply | None:
-            self._record(outcome, into, request)
             reply = refusal(outcome, request.stage)
-            if reply is not None and request.stage is Stage.RCPT and reply.enhanced == "5.1.1":
+            if reply is None:
+                self._record(outcome, into, request)
+            elif request.stage is Stage.RCPT and reply.enhanced == "5.1.1":
                 self.unknown_recipients += 1
+            # a refused recipient (or HELO) leaves nothing behind: no tags, no copies
             return reply
 
         return self.reception.runner.run(request).addCallback(decided)
@@ -171,11 +189,12 @@ class SessionChecks:
             for link in runner.links(direction_of(session), Stage.CONNECT)
             if ISessionObserver.providedBy(link.filter)
         ]
-        return self._run(self._request(Stage.CONNECT, session), self.session_level)
+        return self._run(self._request(Stage.CONNECT, session), self.connect_level)
 
     def helo(self, session: Session) -> Deferred[Reply | None]:
         """`session` has the new HELO name; a Reply refuses it."""
-        return self._run(self._request(Stage.HELO, session), self.session_level)
+        self.helo_level = _Transaction()  # a new HELO (after STARTTLS, say) replaces the last one's
+        return self._run(self._request(Stage.HELO, session), self.helo_level)
 
     def mail(self, session: Session, envelope: Envelope) -> Deferred[Reply | None]:
         self.transaction = _Transaction()

@@ -346,3 +346,39 @@ def test_end_of_data_tags_are_added_to_the_message_with_the_total_score() -> Non
     assert fields[3].startswith(b"X-Mailgate-Filters: bayes=tag score=5.5 (")
     assert fields[4] == b"X-Mailgate-Score: 7.5"
     assert fields[5] == b"Subject: hi"
+
+
+def test_a_refused_recipient_leaves_no_copy_and_no_tag_behind() -> None:
+    audit = StaticFilter(
+        "audit",
+        {Stage.RCPT: Verdict(Action.COPY_TO, "watched", 1.0, (("X-Watched", "yes"),), "auditor@example.com")},
+    )
+
+    def unknown(request: Any) -> Verdict:
+        if request.recipient.address == "gone@example.com":
+            return Verdict.reject("User unknown", 550, "5.1.1")
+        return CONTINUE
+
+    gateway = Gateway(audit, StaticFilter("recipients", {Stage.RCPT: unknown}))
+    dialogue = gateway.dialogue()
+    dialogue.ehlo()
+    dialogue.ask("MAIL FROM:<a@example.org>")
+    assert dialogue.ask("RCPT TO:<gone@example.com>")[0].startswith("550 5.1.1")
+    assert dialogue.ask("RCPT TO:<bob@example.com>")[0].startswith("250")
+    dialogue.send_message()
+    message, content = gateway.only_message()
+    # bob's own copy to the auditor stands; gone@'s refused RCPT added nothing
+    assert [r.recipient.address for r in message.recipients] == ["bob@example.com", "auditor@example.com"]
+    assert content.count(b"audit=copy-to") == 1
+
+
+def test_a_second_ehlo_replaces_what_the_first_one_was_told() -> None:
+    tagger = StaticFilter("helo", {Stage.HELO: Verdict(Action.TAG, "odd name", 1.0)})
+    gateway = Gateway(tagger)
+    dialogue = gateway.dialogue()
+    dialogue.ehlo()
+    dialogue.transaction()  # EHLO again, then the transaction
+    dialogue.send_message()
+    _, content = gateway.only_message()
+    assert content.count(b"helo=tag") == 1
+    assert b"X-Mailgate-Score: 1\r\n" in content
