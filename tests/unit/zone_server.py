@@ -179,13 +179,14 @@ class _TcpServer(Protocol):
         self.buffer = b""
 
     def dataReceived(self, data: bytes) -> None:
+        # Every query on the connection (RFC 7766: c-ares sends several on one).
         self.buffer += data
-        if len(self.buffer) < 2:
-            return
-        (size,) = struct.unpack("!H", self.buffer[:2])
-        if len(self.buffer) < 2 + size:
-            return
-        query = dns.message.from_wire(self.buffer[2 : 2 + size])
-        wire = self.zone.answer(query, over_tcp=True).to_wire()
-        assert self.transport is not None
-        self.transport.write(struct.pack("!H", len(wire)) + wire)
+        while len(self.buffer) >= 2:
+            (size,) = struct.unpack("!H", self.buffer[:2])
+            if len(self.buffer) < 2 + size:
+                return
+            query = dns.message.from_wire(self.buffer[2 : 2 + size])
+            self.buffer = self.buffer[2 + size :]
+            wire = self.zone.answer(query, over_tcp=True).to_wire()
+            assert self.transport is not None
+            self.transport.write(struct.pack("!H", len(wire)) + wire)
