@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """DNSBL lookups per second, and CPU per lookup, of the filters' DNS client against rbldnsd.
 
-    /tmp/venv/bin/python bench/dns_bench.py [--seconds 6] [--concurrency 100] [--reps 3] [--engine c-ares]
+    /tmp/venv/bin/python bench/dns_bench.py [--seconds 6] [--concurrency 100] [--reps 3]
 
 rbldnsd serves three ip4set zones on loopback (as filter_bench.py's chain uses).
 The client is `DnsLists.score` over `DnsLookups`, as the dnsbl filter calls it:
@@ -31,7 +31,7 @@ from twisted.logger import Logger
 
 from gateway.config import DnsConfig
 from gateway.filters._dnslists import DnsLists, parse_site
-from gateway.filters.dns import ENGINES, DnsLookups
+from gateway.filters.dns import DnsLookups
 
 ZONES = ("z1.bench.test", "z2.bench.test", "z3.bench.test")
 
@@ -87,7 +87,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--engine", choices=ENGINES, default=None, help="default: gateway.filters.dns.ENGINE")
     args = parser.parse_args(argv)
     if shutil.which("rbldnsd") is None:
         print("rbldnsd is not installed (apt-get install rbldnsd)", file=sys.stderr)
@@ -95,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="dns-bench-") as directory:
         process, port = start_rbldnsd(directory)
         try:
-            config = DnsConfig(nameservers=(f"127.0.0.1:{port}",), timeout=5.0)
-            dns = DnsLookups.from_config(config, reactor, engine=args.engine)
+            dns = DnsLookups.from_config(DnsConfig(nameservers=(f"127.0.0.1:{port}",), timeout=5.0), reactor)
             dns.cache_size = 1000  # every name is new anyway: keep the cache out of the figures
             lists = DnsLists([parse_site(zone) for zone in ZONES], dns, Logger(), txt=False, owner=_Owner())
             results: list[tuple[float, float]] = []

@@ -21,7 +21,7 @@ import os
 import socket
 import struct
 from array import array
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import dns.ipv6
 
@@ -45,9 +45,7 @@ class Reply(NamedTuple):
     """What `gateway.filters.dns` needs of an answer to (name, A or AAAA or any type's negative)."""
 
     rcode: int
-    # the addresses at the name asked, in order, without repeats (from c-ares: any type's values,
-    # in the form gateway.filters.dns caches)
-    values: tuple[Any, ...]
+    values: tuple[str, ...]  # the addresses at the name asked, in order, without repeats
     ttl: int | None  # the least TTL of those records; None when there are none
     negative_ttl: int | None  # min(TTL, minimum) of the authority's SOA; None without one
 

@@ -31,21 +31,14 @@ Answers are cached by their TTL in a bounded LRU; negative ones (NXDOMAIN,
 NODATA) by their SOA's minimum, or `negative_ttl` when there is no SOA;
 temporary failures are not cached. Concurrent lookups of one name and type
 share one question.
-
-The engine that asks is chosen by `ENGINE` (the environment's MAILGATE_DNS_ENGINE,
-or `from_config(..., engine=)`):
-"python", the querier above, or "c-ares", `gateway.filters._cares.CaresQuerier`
-(pycares: c-ares builds, sends and parses in C, driven by the reactor, no
-thread). Both give `DnsLookups` the same answers.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import attrs
 import dns.exception
@@ -63,7 +56,6 @@ from gateway.config import ConfigError, DnsConfig
 from gateway.delivery.resolver import DnsTemporaryError, NoSuchDomain, NullMX, mx_answer
 from gateway.filters._dnsquery import (
     DnsQuerier,
-    Notify,
     Response,
     Server,
     normal_wire_name,
@@ -89,10 +81,6 @@ NEGATIVE_TTL = 60.0  # a negative answer without SOA (rbldnsd without $SOA)
 MAX_TTL = 86_400.0
 MAX_NEGATIVE_TTL = 3 * 3600.0  # RFC 2308 section 5
 _CNAME_HOPS = 8
-ENGINES = ("python", "c-ares")
-# The engine of `DnsLookups.from_config` when none is given. c-ares is opt-in (benchmarks, trials):
-# it measured no clear saving over "python" (see bench/dns_bench.py --engine).
-ENGINE = os.environ.get("MAILGATE_DNS_ENGINE", "python")
 
 
 @attrs.frozen
@@ -187,14 +175,6 @@ def system_nameservers() -> list[Server]:
     return found or [("127.0.0.1", 53)]
 
 
-class Querier(Protocol):
-    """What `DnsLookups` asks through: `DnsQuerier` ("python") or `CaresQuerier` ("c-ares")."""
-
-    def ask(self, name: str, qname: bytes, rdtype: int, notify: Notify) -> None: ...
-
-    def close(self) -> Deferred[Any]: ...
-
-
 class Lookups:
     """The public methods, written once over `_lookup` (real and fake differ only there)."""
 
@@ -254,7 +234,7 @@ class DnsLookups(Lookups):
 
     def __init__(
         self,
-        querier: Querier,
+        querier: DnsQuerier,
         clock: Any,
         *,
         cache_size: int = CACHE_SIZE,
@@ -270,7 +250,7 @@ class DnsLookups(Lookups):
         self.cache_hits = 0
 
     @classmethod
-    def from_config(cls, cfg: DnsConfig, reactor: Any, *, engine: str | None = None) -> DnsLookups:
+    def from_config(cls, cfg: DnsConfig, reactor: Any) -> DnsLookups:
         servers = []
         for text in cfg.nameservers:
             try:
@@ -282,17 +262,7 @@ class DnsLookups(Lookups):
                     f"{text!r} is not a name server address "
                     '(write "192.0.2.53", "127.0.0.1:5353" or "[::1]:53")',
                 ) from None
-        engine = engine or ENGINE
-        nameservers = servers or system_nameservers()
-        querier: Querier
-        if engine == "c-ares":
-            from gateway.filters._cares import CaresQuerier
-
-            querier = CaresQuerier(reactor, nameservers, cfg.timeout, log_problem=_log_problem)
-        elif engine == "python":
-            querier = DnsQuerier(reactor, nameservers, cfg.timeout, log_problem=_log_problem)
-        else:
-            raise ValueError(f"unknown DNS engine {engine!r} (one of {', '.join(ENGINES)})")
+        querier = DnsQuerier(reactor, servers or system_nameservers(), cfg.timeout, log_problem=_log_problem)
         return cls(querier, reactor)
 
     def close(self) -> Deferred[Any]:

@@ -137,40 +137,6 @@ class DnsLookupsOverUdpContractTests(DnsLookupsContract, TestCase):
         assert await self.lookups.addresses("mx1.example.test") == ["192.0.2.1", "2001:db8::1"]
 
 
-class DnsLookupsOverCaresContractTests(DnsLookupsOverUdpContractTests):
-    """The same, with c-ares (pycares) asking: the engine `DnsLookups.from_config` takes as "c-ares"."""
-
-    def setUp(self) -> None:
-        self.server = ZoneServer(Zone(ZONE), reactor)
-        nameserver = self.server.listen()
-        config = DnsConfig(nameservers=(nameserver,), timeout=3.0)
-        self.lookups = DnsLookups.from_config(config, reactor, engine="c-ares")
-        self.addCleanup(self.server.stop)
-        self.addCleanup(self.lookups.close)
-
-    async def test_nxdomain_and_nodata_are_cached_for_the_soa_minimum(self) -> None:
-        self.server.zone.negative_ttl = 7
-        with pytest.raises(NoSuchDomain):
-            await self.lookups.txt("nowhere.test")
-        assert await self.lookups.txt("mx2.example.test") == []
-        for key in (("nowhere.test", "TXT"), ("mx2.example.test", "TXT")):
-            expires, _ = self.lookups._cache[key]
-            assert 0 < expires - reactor.seconds() <= 7
-
-    async def test_a_silent_server_is_a_temporary_error_at_the_deadline(self) -> None:
-        silent = ZoneServer(Zone(ZONE), reactor, silent=lambda name: True)
-        nameserver = silent.listen()
-        self.addCleanup(silent.stop)
-        lookups = DnsLookups.from_config(
-            DnsConfig(nameservers=(nameserver,), timeout=0.5), reactor, engine="c-ares"
-        )
-        self.addCleanup(lookups.close)
-        started = reactor.seconds()
-        with pytest.raises(DnsTemporaryError):
-            await lookups.a("2.0.0.127.bl.test")
-        assert 0.4 <= reactor.seconds() - started < 2.0  # our deadline, not c-ares's 8 tries
-
-
 # -- the real one on a fake network -----------------------------------------------------------
 
 
