@@ -17,13 +17,12 @@ import attrs
 from twisted.internet import error as neterror
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, UNIXClientEndpoint
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 
 from gateway.delivery.tls import ClientTls
 from gateway.model import Delivery, Recipient
-from gateway.smtp._client_protocol import ClientProtocol
+from gateway.smtp._client_protocol import ClientFactory, ClientProtocol
 from gateway.smtp.client import (
     AuthCredentials,
     ClientSession,
@@ -127,16 +126,6 @@ class ConnectionCache:
         return sum(len(sessions) for sessions in self._idle.values())
 
 
-class _ClientFactory(Factory):
-    def __init__(self, clock: IReactorTime, peer: str, greeting_timeout: float) -> None:
-        self.clock = clock
-        self.peer = peer
-        self.greeting_timeout = greeting_timeout
-
-    def buildProtocol(self, addr: IAddress | None) -> ClientProtocol:
-        return ClientProtocol(self.clock, self.peer, self.greeting_timeout)
-
-
 EndpointFor = Callable[[Target], IStreamClientEndpoint]
 
 _CONNECT_ERRORS: dict[type[BaseException], str] = {
@@ -185,7 +174,7 @@ class Dialer:
     async def open(self, target: Target, policy: TlsPolicy | None = None) -> ClientSession:
         """A new session to `target`, through greeting, EHLO, TLS and AUTH."""
         policy = target.tls if policy is None else policy
-        factory = _ClientFactory(self.clock, target.relay, self.settings.helo_timeout)
+        factory = ClientFactory(self.clock, target.relay, self.settings.helo_timeout)
         try:
             protocol = await self.endpoint_for(target).connect(factory)
         except Exception as error:

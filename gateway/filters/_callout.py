@@ -29,13 +29,12 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     UNIXClientEndpoint,
 )
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 
 from gateway.delivery.router import TransportSpec
 from gateway.filters._directory import Answer, Lookup
-from gateway.smtp._client_protocol import ClientError, ClientProtocol
+from gateway.smtp._client_protocol import ClientError, ClientFactory, ClientProtocol
 from gateway.smtp.client import ClientSession, ClientSettings, SessionFailure, TlsPolicy
 from gateway.smtp.reply import Reply
 
@@ -78,26 +77,14 @@ class Prober(Protocol):
         ...
 
 
-class ProbeFactory(Factory):
-    """Builds the client protocol once connected: the greeting timeout starts then, not before."""
-
-    def __init__(self, clock: IReactorTime, peer: str, greeting_timeout: float) -> None:
-        self.clock = clock
-        self.peer = peer
-        self.greeting_timeout = greeting_timeout
-
-    def buildProtocol(self, addr: IAddress | None) -> ClientProtocol:
-        return ClientProtocol(self.clock, self.peer, self.greeting_timeout)
-
-
-Connector = Callable[[CalloutServer, ProbeFactory], Deferred[ClientProtocol]]
+Connector = Callable[[CalloutServer, ClientFactory], Deferred[ClientProtocol]]
 
 
 def endpoint_connector(reactor: object, connect_timeout: float) -> Connector:
     """Connects to a server with Twisted endpoints, giving up after `connect_timeout`."""
     timeout = max(1, round(connect_timeout))
 
-    def connect(server: CalloutServer, factory: ProbeFactory) -> Deferred[ClientProtocol]:
+    def connect(server: CalloutServer, factory: ClientFactory) -> Deferred[ClientProtocol]:
         endpoint: IStreamClientEndpoint
         if server.unix:
             endpoint = UNIXClientEndpoint(reactor, server.host, timeout=timeout)  # type: ignore[no-untyped-call]
@@ -196,7 +183,7 @@ class SmtpProber:
             return Lookup(Answer.UNVERIFIED, broken.text)
 
     async def _open(self) -> ClientSession:
-        factory = ProbeFactory(self.clock, self.server.relay, self.settings.helo_timeout)
+        factory = ClientFactory(self.clock, self.server.relay, self.settings.helo_timeout)
         try:
             protocol = await self.connect(self.server, factory)
         except Exception as error:

@@ -20,13 +20,14 @@ from typing import IO, Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
+    IAddress,
     IDelayedCall,
     IHandshakeListener,
     IPushProducer,
     IReactorTime,
     ITLSTransport,
 )
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -427,3 +428,15 @@ class MessageSender:
         error = ClientError(f"conversation with {self.protocol.peer} timed out while sending message body")
         self.stop(error)
         self.protocol.abort(error)
+
+
+class ClientFactory(Factory):
+    """Builds the client protocol once connected: the greeting timeout starts then, not before."""
+
+    def __init__(self, clock: IReactorTime, peer: str, greeting_timeout: float) -> None:
+        self.clock = clock
+        self.peer = peer
+        self.greeting_timeout = greeting_timeout
+
+    def buildProtocol(self, addr: IAddress | None) -> ClientProtocol:
+        return ClientProtocol(self.clock, self.peer, self.greeting_timeout)

@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from gateway import config as configuration
 from gateway.config import ConfigError
 from gateway.filters import FilterServices, Request, registry
-from gateway.filters._callout import QUEUE_PER_SESSION, CalloutServer, ProbeFactory, SmtpProber
+from gateway.filters._callout import QUEUE_PER_SESSION, CalloutServer, SmtpProber
 from gateway.filters._directory import Answer, Lookup, parse_entry
 from gateway.filters._listfile import strip_comment
 from gateway.filters._verify_cache import AddressVerifier
@@ -32,7 +32,7 @@ from gateway.filters.recipients import CalloutDirectory, Recipients
 from gateway.model import Action, Direction, Envelope, Recipient, Session, Stage, Verdict
 from gateway.queue.memory import MemorySpool
 from gateway.reception import Reception
-from gateway.smtp._client_protocol import ClientProtocol
+from gateway.smtp._client_protocol import ClientFactory, ClientProtocol
 
 T = TypeVar("T")
 
@@ -483,7 +483,7 @@ class Callouts:
         self.refuse = False
         self.prober = SmtpProber(server, self.clock, self.connect, helo_name="gw.example.com", **options)
 
-    def connect(self, server: CalloutServer, factory: ProbeFactory) -> Deferred[ClientProtocol]:
+    def connect(self, server: CalloutServer, factory: ClientFactory) -> Deferred[ClientProtocol]:
         if self.refuse:
             return fail(ConnectionRefusedError("Connection refused"))
         protocol = factory.buildProtocol(None)
