@@ -7,8 +7,22 @@ router and transports read them; nothing mutates them in place.
 from __future__ import annotations
 
 import enum
+import ipaddress
 
 import attrs
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def peer_address(host: str) -> IPAddress | None:
+    """A peer host as an IP address (IPv4-mapped IPv6 as IPv4, any %scope dropped); None if not one."""
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 class Role(enum.Enum):

@@ -8,27 +8,15 @@ DNS failure is never a 5xx: no opinion, or with ``on_dns_failure = "defer"`` a
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable
 
 from twisted.python.failure import Failure
 
 from gateway.config import Section
 from gateway.delivery.resolver import DnsTemporaryError, NoSuchDomain
-from gateway.model import CONTINUE, Action, Verdict
+from gateway.model import CONTINUE, Action, Verdict, peer_address
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def client_address(text: str) -> IPAddress | None:
-    """A session's peer host as an address (an IPv4-mapped IPv6 one as IPv4); None if not one."""
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
+client_address = peer_address  # a session's peer host as an address, or None
 
 
 def reply_code(options: Section, key: str, default: int) -> int:

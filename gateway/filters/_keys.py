@@ -12,17 +12,14 @@ import re
 from typing import Any
 
 from gateway.config import Section
-from gateway.model import Direction
+from gateway.model import Direction, peer_address
 
 
 def client_network(host: str, ipv4_prefix: int = 24, ipv6_prefix: int = 64) -> str:
     """The client's network as text ("192.0.2.0/24", "2001:db8::/64"); `host` itself if not an IP."""
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
+    address = peer_address(host)
+    if address is None:
         return host
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
     prefix = ipv4_prefix if address.version == 4 else ipv6_prefix
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
 

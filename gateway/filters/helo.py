@@ -34,7 +34,6 @@ from gateway.config import Section
 from gateway.delivery.resolver import NullMX
 from gateway.filters import FilterServices, Request
 from gateway.filters._dnscheck import (
-    IPAddress,
     client_address,
     dns_failure,
     lookup_failed,
@@ -43,7 +42,7 @@ from gateway.filters._dnscheck import (
 )
 from gateway.filters.dns import Lookups
 from gateway.interfaces import IFilter
-from gateway.model import CONTINUE, Stage, Verdict
+from gateway.model import CONTINUE, IPAddress, Stage, Verdict
 
 # letters, digits, hyphens inside; underscores too, which real hosts use and Postfix accepts
 _LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$", re.IGNORECASE)

@@ -42,7 +42,7 @@ from gateway.filters._listfile import (
     read_list_file,
 )
 from gateway.interfaces import IFilter, IReloadable
-from gateway.model import CONTINUE, Action, Stage, Verdict
+from gateway.model import CONTINUE, Action, Stage, Verdict, peer_address
 
 log = Logger(namespace="mailgate.filter.lists")
 
@@ -203,17 +203,6 @@ def listener_port(endpoint: str) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def client_address(peer_host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The client's address as lists compare it: an IPv4-mapped IPv6 one in its IPv4 form."""
-    try:
-        address = ipaddress.ip_address(peer_host.partition("%")[0])
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
 @implementer(IFilter, IReloadable)
 class Lists:
     """Allow and block lists; `stages` are those of the lists configured."""
@@ -276,7 +265,7 @@ class Lists:
 
     def _connect(self, request: Request, tables: Tables) -> Verdict:
         peer = request.session.peer_host
-        address = client_address(peer)
+        address = peer_address(peer)
         found = tables.clients.lookup(address) if address is not None else None
         if found is not None:
             if found.allowed:

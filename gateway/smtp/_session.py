@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import attrs
 from twisted.internet.defer import Deferred
 
-from gateway.model import Envelope, Recipient, Session
+from gateway.model import Envelope, Recipient, Session, peer_address
 from gateway.smtp.reply import Reply
 
 
@@ -110,12 +110,9 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 def in_networks(host: str, networks: tuple[Network, ...]) -> bool:
     """Whether an IP address (text, IPv4-mapped IPv6 allowed) is in one of the networks."""
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
+    address = peer_address(host)
+    if address is None:
         return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
     return any(address in network for network in networks)
 
 
