@@ -180,3 +180,18 @@ class IAcceptObserver(Interface):
         An observer may also have ``message_refused(request, hits)``: called when a
         message of its chain was refused or discarded at the end of data.
         """
+
+
+class IOutbox(Interface):
+    """How the gateway sends mail of its own (notices, auto-replies, reports) through the queue.
+
+    What is sent is queued like any other message (the one way into the spool)
+    without running the filter chains; the Deferred fires with its queue id
+    once it is durable, or fails.
+    """
+
+    postmaster = Attribute("str: the address notices to the administrator go to")
+
+    def send(mail_from: str, rcpt_to: tuple[str, ...], message: bytes) -> Deferred[str]:
+        """Queue `message` (a whole RFC 5322 message, CRLF line ends) from `mail_from`
+        ("" for the null sender, as notices and auto-replies should use) to `rcpt_to`."""

@@ -216,7 +216,8 @@ class Verdict:
     short, no secrets). `code` and `enhanced` override the reply's codes
     (default 554 5.7.1 for REJECT, 451 4.7.1 for DEFER; a connect-stage DEFER is
     421). `target` is the address for REDIRECT and COPY_TO. `headers` are added
-    to the message (name, value), after our Received header.
+    to the message (name, value), after our Received header; `subject_prefix`
+    (TAG) is put in front of the Subject (``SPAM*** ``), once however many ask.
     """
 
     action: Action
@@ -226,6 +227,7 @@ class Verdict:
     target: str | None = None
     code: int | None = None
     enhanced: str | None = None
+    subject_prefix: str = ""
 
     @classmethod
     def reject(cls, reason: str, code: int = 554, enhanced: str = "5.7.1") -> Verdict:

@@ -16,6 +16,7 @@ from gateway.model import Direction, Envelope, Recipient, Session, Stage
 
 if TYPE_CHECKING:
     from gateway.config import Config
+    from gateway.content import MessageContent
 
 __all__ = ["FilterServices", "Request"]
 
@@ -27,7 +28,8 @@ class Request:
     `envelope` is set from MAIL on (at RCPT it holds the recipients accepted so
     far); `recipient` is the one being checked at RCPT; `counts` carries the
     session's numbers so far ("recipients", "unknown_recipients", "rset",
-    "errors", "commands", "messages") for the limit filters.
+    "errors", "commands", "messages") for the limit filters. `message` is set at
+    the DATA stage only: the message's raw bytes and its shared parse.
     """
 
     stage: Stage
@@ -36,6 +38,7 @@ class Request:
     envelope: Envelope | None = None
     recipient: Recipient | None = None
     counts: dict[str, int] = attrs.field(factory=dict, eq=False)
+    message: MessageContent | None = attrs.field(default=None, eq=False)
 
 
 class FilterServices:
@@ -46,13 +49,28 @@ class FilterServices:
     """
 
     def __init__(
-        self, config: Config, reactor: Any, *, anvil: Any = None, store: Any = None, dns: Any = None
+        self,
+        config: Config,
+        reactor: Any,
+        *,
+        anvil: Any = None,
+        store: Any = None,
+        dns: Any = None,
+        outbox: Any = None,
     ):
         self.config = config
         self.reactor = reactor
         self._anvil = anvil
         self._store = store
         self._dns = dns
+        self._outbox = outbox
+
+    @property
+    def outbox(self) -> Any:
+        """How filters send mail of their own: notices, auto-replies (`gateway.interfaces.IOutbox`)."""
+        if self._outbox is None:
+            raise RuntimeError("this process has no outbox (the gateway wires one at start)")
+        return self._outbox
 
     @property
     def hostname(self) -> str:

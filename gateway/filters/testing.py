@@ -9,7 +9,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from gateway.filters import Request
-from gateway.interfaces import IFilter
+from gateway.interfaces import IFilter, IOutbox
 from gateway.model import CONTINUE, Stage, Verdict
 
 
@@ -58,3 +58,21 @@ def raising(error: Exception) -> Callable[[Request], Verdict]:
         raise error
 
     return answer
+
+
+@implementer(IOutbox)
+class RecordingOutbox:
+    """An IOutbox that keeps what it is asked to send, in `sent` (mail_from, rcpt_to, message)."""
+
+    def __init__(self, postmaster: str = "postmaster@example.com") -> None:
+        self.postmaster = postmaster
+        self.sent: list[tuple[str, tuple[str, ...], bytes]] = []
+        self.failure: Exception | None = None  # set to make send() fail
+
+    def send(self, mail_from: str, rcpt_to: tuple[str, ...], message: bytes) -> Deferred[str]:
+        from twisted.internet.defer import fail, succeed
+
+        if self.failure is not None:
+            return fail(self.failure)
+        self.sent.append((mail_from, tuple(rcpt_to), message))
+        return succeed(f"OUTBOX{len(self.sent):04d}")
