@@ -6,14 +6,14 @@ Each is a zope.interface; implementations say what they are (`DirectorySpool`,
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
-    from gateway.model import Delivery, Envelope, QueuedMessage, RecipientResult, Session
+    from gateway.model import Delivery, Envelope, Quarantine, QueuedMessage, RecipientResult, Session
 
 
 class IIncomingMessage(Interface):
@@ -36,11 +36,21 @@ class IIncomingMessage(Interface):
         then); end-of-data filters add theirs here, once the body is in.
         """
 
-    def commit(envelope: Envelope, session: Session, hold: bool = False) -> Deferred[str]:
+    def prefix_subject(prefix: str) -> None:
+        """At commit, put `prefix` in front of the Subject (a spam tag), once; add one if none."""
+
+    def open() -> IO[bytes]:
+        """The bytes written so far, from the first (for the end-of-data filters); close it."""
+
+    def commit(
+        envelope: Envelope, session: Session, hold: bool = False, quarantine: Quarantine | None = None
+    ) -> Deferred[str]:
         """Make the message durable: message and envelope fsync'ed, directory entries too.
 
         With `hold` (keyword), it goes to the hold state instead of the queue: a
-        filter held it, and only an operator's release sends it on.
+        filter held it, and only an operator's release sends it on. With a
+        `quarantine` record it is held too, and the record (why, which filters)
+        is kept with it for the quarantine commands.
 
         Returns a Deferred firing with the queue id only once everything is on disk.
         It fails (never silently) if the disk is full or the write fails; the

@@ -120,6 +120,25 @@ class RecipientState:
 
 
 @attrs.frozen
+class Quarantine:
+    """Why a filter held a message: kept with it in the hold queue for the administrator.
+
+    `hits` are the filters that spoke, (filter, action, reason, score), in order;
+    `kind` is "quarantine" (held instead of delivered) or "rejected" (a copy of
+    a message the client was refused, kept for false-positive review).
+    """
+
+    reason: str
+    direction: str = "inbound"
+    hits: tuple[tuple[str, str, str, float], ...] = ()
+    kind: str = "quarantine"
+
+    @property
+    def score(self) -> float:
+        return sum(hit[3] for hit in self.hits)
+
+
+@attrs.frozen
 class QueuedMessage:
     """A message in the spool: its envelope, per-recipient state and schedule."""
 
@@ -132,6 +151,7 @@ class QueuedMessage:
     attempts: int = 0  # delivery rounds made so far
     next_attempt: float = 0.0  # POSIX time of the next round (deferred state)
     state: str = "incoming"  # incoming / active / deferred / hold / corrupt
+    quarantine: Quarantine | None = None  # set while a filter's hold keeps it in the quarantine
 
     def pending(self) -> tuple[RecipientState, ...]:
         return tuple(r for r in self.recipients if r.status is RecipientStatus.PENDING)

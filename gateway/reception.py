@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.config import RelayConfig
+from gateway.content import ContentLimits, MessageContent
 from gateway.filters import Request
 from gateway.filters.chain import ChainRunner, Hit, Outcome
 from gateway.interfaces import (
@@ -33,7 +34,17 @@ from gateway.interfaces import (
     ISessionObserver,
     ISpool,
 )
-from gateway.model import Action, Direction, Envelope, Recipient, Role, Session, Stage, Verdict
+from gateway.model import (
+    Action,
+    Direction,
+    Envelope,
+    Quarantine,
+    Recipient,
+    Role,
+    Session,
+    Stage,
+    Verdict,
+)
 from gateway.smtp.reply import Reply
 
 log = Logger(namespace="mailgate.smtpd")
@@ -74,11 +85,19 @@ class Reception:
         runner: ChainRunner | None = None,
         *,
         headers: bool = True,
+        content: Callable[[IIncomingMessage], MessageContent] | None = None,
+        keep_rejected: bool = False,
     ) -> None:
+        """`content` makes the DATA stage's view of a message (parsed off the reactor
+        by `gateway.content.ContentReader` in the gateway; in the caller's thread by
+        default). `keep_rejected`: a message refused at its end is kept in the
+        quarantine (kind "rejected") for false-positive review."""
         self.spool = spool
         self.relay = relay
         self.runner = runner or _NO_FILTERS
         self.headers = headers
+        self.content = content or _content_here
+        self.keep_rejected = keep_rejected
         filters = list(self.runner.all_filters())
         self.auth_guards = [f for f in filters if IAuthGuard.providedBy(f)]
         # told about the messages of their own chain only
@@ -165,9 +184,10 @@ class SessionChecks:
         session: Session,
         envelope: Envelope | None = None,
         recipient: Recipient | None = None,
+        message: MessageContent | None = None,
     ) -> Request:
         self.session = session
-        return Request(stage, direction_of(session), session, envelope, recipient, self.counts())
+        return Request(stage, direction_of(session), session, envelope, recipient, self.counts(), message)
 
     def _run(self, request: Request, into: _Transaction) -> Deferred[Reply | None]:
         def decided(outcome: Outcome) -> Reply | None:
@@ -292,18 +312,30 @@ class SessionChecks:
 
     def accept(self, session: Session, envelope: Envelope, message: IIncomingMessage) -> Deferred[Reply]:
         """End of data: the DATA stage, then the message as the filters want it, queued."""
-        request = self._request(Stage.DATA, session, envelope)
+        request = self._request(Stage.DATA, session, envelope, message=self.reception.content(message))
 
         def decided(outcome: Outcome) -> Deferred[Reply] | Reply:
             self._record(outcome, self.transaction, request)
             reply = refusal(outcome, Stage.DATA)
             if reply is not None:
-                message.abort()
                 self._tell_refused(request)
+                if reply.code >= 500 and self.reception.keep_rejected:
+                    return self._keep_rejected(request, envelope, message, outcome, reply)
+                message.abort()
                 return reply
             added = self._data_headers(outcome)
             if added:
                 message.add_headers(added)
+            prefix = next(
+                (
+                    v.subject_prefix
+                    for v in (*self.session_level.tags, *self.transaction.tags)
+                    if v.subject_prefix
+                ),
+                "",
+            )
+            if prefix:
+                message.prefix_subject(prefix)
             return self._queue(request, envelope, message)
 
         return self.reception.runner.run(request).addCallback(decided)
@@ -355,8 +387,9 @@ class SessionChecks:
             )
             return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")  # RFC: DISCARD pretends success
         hold = self.session_level.hold or self.transaction.hold
-        committed: Deferred[str] = message.commit(final, request.session, hold=hold is not None)
         hits = tuple((*self.session_level.hits, *self.transaction.hits))
+        quarantine = _quarantine(hold, request.direction, hits) if hold is not None else None
+        committed: Deferred[str] = message.commit(final, request.session, quarantine=quarantine)
 
         def queued(queue_id: str) -> Reply:
             for note in notes:
@@ -388,6 +421,33 @@ class SessionChecks:
 
         return committed.addCallbacks(queued, failed)
 
+    def _keep_rejected(
+        self, request: Request, envelope: Envelope, message: IIncomingMessage, outcome: Outcome, reply: Reply
+    ) -> Deferred[Reply]:
+        """A copy of a refused message into the quarantine; the client gets the refusal all the same."""
+        hits = tuple((*self.session_level.hits, *self.transaction.hits))
+        reason = outcome.verdict.reason or outcome.decided_by or "rejected"
+        quarantine = _quarantine(reason, request.direction, hits, kind="rejected")
+        kept: Deferred[str] = message.commit(envelope, request.session, quarantine=quarantine)
+
+        def done(queue_id: str) -> Reply:
+            log.info(
+                "{queue_id}: rejected, a copy kept in the quarantine: {reason}",
+                queue_id=queue_id,
+                reason=reason,
+            )
+            return reply
+
+        def failed(failure: Failure) -> Reply:
+            log.error(
+                "{queue_id}: cannot keep a copy of the rejected message: {error}",
+                queue_id=message.queue_id,
+                error=failure.getErrorMessage(),
+            )
+            return reply
+
+        return kept.addCallbacks(done, failed)
+
     def _tell_refused(self, request: Request) -> None:
         """A message was refused or discarded at its end: observers may forget its sender."""
         hits = tuple((*self.session_level.hits, *self.transaction.hits))
@@ -409,6 +469,25 @@ class SessionChecks:
                 observer.session_closed(self.session, counts)
             except Exception:
                 log.failure("filter: {name}: session_closed failed", name=getattr(observer, "name", "?"))
+
+
+def _quarantine(
+    reason: str, direction: Direction, hits: tuple[Hit, ...], kind: str = "quarantine"
+) -> Quarantine:
+    return Quarantine(
+        reason=reason,
+        direction=direction.value,
+        hits=tuple((hit.filter, hit.action.value, hit.reason, hit.score) for hit in hits),
+        kind=kind,
+    )
+
+
+def _content_here(message: IIncomingMessage) -> MessageContent:
+    """The DATA stage's view of a message, parsed in the caller's thread (tests, the defaults)."""
+    from gateway.content.parse import parse_message
+
+    limits = ContentLimits()
+    return MessageContent(message.size, message.open, lambda raw: parse_message(raw, limits), limits)
 
 
 def _header_lines(lines: list[str]) -> bytes:

@@ -14,6 +14,7 @@ from gateway.model import (
     Body,
     Envelope,
     Notify,
+    Quarantine,
     QueuedMessage,
     Recipient,
     RecipientState,
@@ -97,6 +98,17 @@ def dumps(message: QueuedMessage, version: int, session: dict[str, Any] | None =
     }
     if session is not None:
         document["session"] = session
+    if message.quarantine is not None:
+        quarantine = message.quarantine
+        document["quarantine"] = {
+            "reason": quarantine.reason,
+            "direction": quarantine.direction,
+            "kind": quarantine.kind,
+            "hits": [
+                {"filter": name, "action": action, "reason": reason, "score": score}
+                for name, action, reason, score in quarantine.hits
+            ],
+        }
     # one line: indent= would switch json to its pure-Python encoder (5x slower)
     return json.dumps(document, ensure_ascii=False).encode("utf-8") + b"\n"
 
@@ -141,6 +153,7 @@ def loads(data: bytes, state: str) -> tuple[QueuedMessage, int, dict[str, Any] |
             attempts=int(document.get("attempts", 0)),
             next_attempt=float(document.get("next_attempt", 0.0)),
             state=state,
+            quarantine=_quarantine_from(document.get("quarantine")),
         )
         session = document.get("session")
         return message, int(document["version"]), session if isinstance(session, dict) else None
@@ -148,3 +161,17 @@ def loads(data: bytes, state: str) -> tuple[QueuedMessage, int, dict[str, Any] |
         raise
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as error:
         raise EnvelopeFormatError(f"bad envelope file: {error!r}") from None
+
+
+def _quarantine_from(fields: Any) -> Quarantine | None:
+    if fields is None:
+        return None
+    return Quarantine(
+        reason=str(fields["reason"]),
+        direction=str(fields.get("direction", "inbound")),
+        kind=str(fields.get("kind", "quarantine")),
+        hits=tuple(
+            (str(hit["filter"]), str(hit["action"]), str(hit.get("reason", "")), float(hit.get("score", 0.0)))
+            for hit in fields.get("hits", ())
+        ),
+    )

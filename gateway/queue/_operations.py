@@ -9,14 +9,15 @@ envelope before the message.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
 import attrs
 
-from gateway.model import Envelope, QueuedMessage, RecipientState, Session
+from gateway.model import Envelope, Quarantine, QueuedMessage, RecipientState, Session
 from gateway.queue._committer import Disk, SpoolError
 from gateway.queue._format import dumps, session_fields
+from gateway.queue._headers import rewrite_head
 from gateway.queue._layout import Layout
 
 
@@ -57,9 +58,13 @@ class CommitOperation:
         *,
         state: str = "incoming",
         insert: tuple[int, bytes] = (0, b""),
+        edit: Callable[[bytes], bytes] | None = None,
+        quarantine: Quarantine | None = None,
     ) -> None:
         self.state = state  # "incoming", or "hold" for a message a filter held
         self.insert = insert  # (offset, header lines): end-of-data filters' headers
+        self.edit = edit  # a change to the header section (the Subject tag), or None
+        self.quarantine = quarantine
         size += len(insert[1])
         self.layout = layout
         self.queue_id = queue_id
@@ -71,6 +76,19 @@ class CommitOperation:
         self.size = size
         self._made: list[str] = []  # files this operation created, for undo
 
+    def _edited(self, pieces: Iterable[bytes]) -> Iterable[bytes]:
+        if self.edit is None:
+            return pieces
+        return self._counted(rewrite_head(pieces, self.edit))
+
+    def _counted(self, pieces: Iterable[bytes]) -> Iterator[bytes]:
+        """The pieces, with `size` set to their total once they are all written."""
+        total = 0
+        for piece in pieces:
+            total += len(piece)
+            yield piece
+        self.size = total
+
     def prepare(self, disk: Disk) -> Iterable[str]:
         layout, queue_id = self.layout, self.queue_id
         temp = layout.temp_message(queue_id)
@@ -80,12 +98,13 @@ class CommitOperation:
             spill, self.spill = self.spill, None
             try:
                 spill.flush()
-                if inserted:
+                if inserted or self.edit is not None:
                     # a big message already on disk: copy it around the new header lines
                     self._made.append(temp + ".h")
                     with open(temp, "rb") as written:
                         head = written.read(offset)
-                        disk.write_file(temp + ".h", _copy(written, (head, inserted)))
+                        pieces = _copy(written, (head, inserted))
+                        disk.write_file(temp + ".h", self._edited(pieces))
                     disk.rename(temp + ".h", temp)
                 else:
                     disk.sync_file(spill.fileno(), temp)
@@ -97,7 +116,7 @@ class CommitOperation:
             chunks = self.chunks
             if inserted:
                 chunks = [*chunks[:1], inserted, *chunks[1:]]  # the first write is the first chunk
-            disk.write_file(temp, chunks)
+            disk.write_file(temp, self._edited(chunks))
         self.chunks = []
         directory = layout.message_dir(queue_id)
         disk.ensure_dir(directory)
@@ -113,6 +132,7 @@ class CommitOperation:
                 size=self.size,
                 client=client_name(self.session),
                 state=self.state,
+                quarantine=self.quarantine,
             ),
             1,
             session_fields(self.session),

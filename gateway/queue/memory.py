@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import io
 import os
 import time
 from collections.abc import Callable
+from typing import IO
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
@@ -25,8 +27,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gateway.interfaces import IIncomingMessage, ISpool
-from gateway.model import Envelope, QueuedMessage, RecipientState, Session
+from gateway.model import Envelope, Quarantine, QueuedMessage, RecipientState, Session
 from gateway.queue._committer import SpoolError
+from gateway.queue._headers import prefix_subject, rewrite_head
 from gateway.queue._ids import QueueIds, is_queue_id
 from gateway.queue._layout import STATES
 from gateway.queue._operations import client_name
@@ -45,9 +48,16 @@ class MemoryMessage:
         self._chunks: list[bytes] = []
         self._finished = False
         self._inserted = b""
+        self._subject_prefix = ""
 
     def add_headers(self, data: bytes) -> None:
         self._inserted += data
+
+    def prefix_subject(self, prefix: str) -> None:
+        self._subject_prefix = prefix
+
+    def open(self) -> IO[bytes]:
+        return io.BytesIO(b"".join(self._chunks))
 
     def write(self, data: bytes) -> None:
         if self._finished:
@@ -55,13 +65,28 @@ class MemoryMessage:
         self.size += len(data)
         self._chunks.append(bytes(data))
 
-    def commit(self, envelope: Envelope, session: Session, hold: bool = False) -> Deferred[str]:
+    def commit(
+        self,
+        envelope: Envelope,
+        session: Session,
+        hold: bool = False,
+        quarantine: Quarantine | None = None,
+    ) -> Deferred[str]:
         if self._finished:
             return fail(SpoolError(f"spool: {self.queue_id}: already committed or aborted"))
         self._finished = True
         chunks, self._chunks = self._chunks, []
         content = b"".join([*chunks[:1], self._inserted, *chunks[1:]])
-        return self._spool._commit(self.queue_id, content, envelope, session, hold=hold)
+        if self._subject_prefix:
+            content = b"".join(rewrite_head([content], prefix_subject(self._subject_prefix)))
+        return self._spool._commit(
+            self.queue_id,
+            content,
+            envelope,
+            session,
+            hold=hold or quarantine is not None,
+            quarantine=quarantine,
+        )
 
     def abort(self) -> None:
         self._finished = True
@@ -89,7 +114,14 @@ class MemorySpool:
         return lambda: self._subscribers.remove(callback)
 
     def _commit(
-        self, queue_id: str, content: bytes, envelope: Envelope, session: Session, *, hold: bool = False
+        self,
+        queue_id: str,
+        content: bytes,
+        envelope: Envelope,
+        session: Session,
+        *,
+        hold: bool = False,
+        quarantine: Quarantine | None = None,
     ) -> Deferred[str]:
         if self.failure is not None:
             return fail(self.failure)
@@ -106,6 +138,7 @@ class MemorySpool:
             size=len(content),
             client=client_name(session),
             state="hold" if hold else "incoming",
+            quarantine=quarantine,
         )
         if hold:
             return succeed(queue_id)  # nothing to deliver until an operator releases it

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import io
 import os
 import time
 from collections.abc import Callable
@@ -23,9 +24,10 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gateway.interfaces import IIncomingMessage, ISpool
-from gateway.model import Envelope, QueuedMessage, Session
+from gateway.model import Envelope, Quarantine, QueuedMessage, Session
 from gateway.queue._committer import Disk, GroupCommitter, SpoolError
 from gateway.queue._format import EnvelopeFormatError, loads
+from gateway.queue._headers import prefix_subject
 from gateway.queue._ids import QueueIds, is_queue_id
 from gateway.queue._layout import ENVELOPE_SUFFIX, MESSAGE_SUFFIX, STATES, Layout
 from gateway.queue._operations import CommitOperation, RemoveOperation, Stored, UpdateOperation
@@ -54,9 +56,22 @@ class SpoolMessage:
         self._finished = False
         self._first = -1  # the length of the first write: headers are inserted after it
         self._inserted = b""
+        self._subject_prefix = ""
 
     def add_headers(self, data: bytes) -> None:
         self._inserted += data
+
+    def prefix_subject(self, prefix: str) -> None:
+        self._subject_prefix = prefix
+
+    def open(self) -> IO[bytes]:
+        if self._spill is None:
+            return io.BytesIO(b"".join(self._chunks))
+        try:
+            self._spill.flush()
+            return builtins.open(self._spool.layout.temp_message(self.queue_id), "rb")
+        except OSError as error:
+            raise SpoolError.from_os("read", self._spool.layout.temp_message(self.queue_id), error) from None
 
     def write(self, data: bytes) -> None:
         if self._finished:
@@ -91,10 +106,17 @@ class SpoolMessage:
         finally:
             self._chunks = []
 
-    def commit(self, envelope: Envelope, session: Session, hold: bool = False) -> Deferred[str]:
+    def commit(
+        self,
+        envelope: Envelope,
+        session: Session,
+        hold: bool = False,
+        quarantine: Quarantine | None = None,
+    ) -> Deferred[str]:
         if self._finished:
             return fail(SpoolError(f"spool: {self.queue_id}: already committed or aborted"))
         self._finished = True
+        hold = hold or quarantine is not None
         operation = CommitOperation(
             self._spool.layout,
             self.queue_id,
@@ -106,6 +128,8 @@ class SpoolMessage:
             self.size,
             state="hold" if hold else "incoming",
             insert=(max(self._first, 0), self._inserted),
+            edit=prefix_subject(self._subject_prefix) if self._subject_prefix else None,
+            quarantine=quarantine,
         )
         self._chunks, self._spill = [], None
         return self._spool._commit(operation)

@@ -17,6 +17,7 @@ from gateway.model import (
     Body,
     Envelope,
     Notify,
+    Quarantine,
     QueuedMessage,
     Recipient,
     RecipientStatus,
@@ -331,3 +332,83 @@ def test_held_messages_wait_in_hold_and_wake_nobody(case: SpoolCase) -> None:
     assert woken == []
     assert queue_id in case.spool.list("hold")
     assert case.spool.load(queue_id).state == "hold"
+
+
+def _stored(case: SpoolCase, queue_id: str) -> bytes:
+    if case.kind == "memory":
+        stored: bytes = case.spool.contents[queue_id]
+        return stored
+    with open(case.spool.message_path(queue_id), "rb") as handle:
+        return handle.read()
+
+
+@pytest.mark.parametrize("body_size", [100, 20_000])  # in memory, and spilled to disk (limit 4096)
+def test_the_end_of_data_filters_read_what_was_written(case: SpoolCase, body_size: int) -> None:
+    message = case.spool.new_message()
+    content = b"Received: by gateway\r\nSubject: hi\r\n\r\n" + b"y" * body_size + b"\r\n"
+    for start in range(0, len(content), 1000):
+        message.write(content[start : start + 1000])
+    with message.open() as first, message.open() as second:
+        assert first.read() == content
+        assert second.read(8) == b"Received"
+    queue_id = case.wait(message.commit(ENVELOPE, SESSION))
+    assert _stored(case, queue_id) == content
+
+
+@pytest.mark.parametrize("body_size", [100, 20_000])
+def test_a_spam_tag_goes_in_front_of_the_subject_once(case: SpoolCase, body_size: int) -> None:
+    message = case.spool.new_message()
+    message.write(b"Received: by gateway\r\n")
+    body = b"From: a@example.org\r\nsubject:  Cheap pills\r\n\r\n" + b"z" * body_size + b"\r\n"
+    for start in range(0, len(body), 1000):
+        message.write(body[start : start + 1000])
+    message.add_headers(b"X-Mailgate-Score: 9\r\n")
+    message.prefix_subject("SPAM*** ")
+    queue_id = case.wait(message.commit(ENVELOPE, SESSION))
+    stored = _stored(case, queue_id)
+    assert stored.startswith(
+        b"Received: by gateway\r\nX-Mailgate-Score: 9\r\nFrom: a@example.org\r\nsubject:  SPAM*** Cheap pills\r\n\r\n"
+    )
+    assert stored.endswith(b"z" * body_size + b"\r\n")
+    assert case.spool.load(queue_id).size == len(stored)
+
+
+def test_a_spam_tag_on_a_message_without_subject_adds_one(case: SpoolCase) -> None:
+    message = case.spool.new_message()
+    message.write(b"Received: by gateway\r\nFrom: a@example.org\r\n\r\nbody\r\n")
+    message.prefix_subject("SPAM*** ")
+    queue_id = case.wait(message.commit(ENVELOPE, SESSION))
+    assert _stored(case, queue_id) == (
+        b"Received: by gateway\r\nFrom: a@example.org\r\nSubject: SPAM***\r\n\r\nbody\r\n"
+    )
+
+
+def test_a_subject_tagged_already_is_not_tagged_twice(case: SpoolCase) -> None:
+    message = case.spool.new_message()
+    message.write(b"Subject: SPAM*** offer\r\n\r\nbody\r\n")
+    message.prefix_subject("SPAM*** ")
+    queue_id = case.wait(message.commit(ENVELOPE, SESSION))
+    assert _stored(case, queue_id) == b"Subject: SPAM*** offer\r\n\r\nbody\r\n"
+
+
+def test_a_quarantined_message_is_held_with_its_record_across_a_restart(case: SpoolCase) -> None:
+    record = Quarantine(
+        reason="virus Eicar-Signature",
+        direction="inbound",
+        hits=(("dnsbl", "tag", "listed", 2.0), ("clamav", "quarantine", "virus Eicar-Signature", 0.0)),
+    )
+    woken: list[str] = []
+    case.spool.subscribe(woken.append)
+    message = case.spool.new_message()
+    message.write(b"Subject: x\r\n\r\nx\r\n")
+    queue_id = case.wait(message.commit(ENVELOPE, SESSION, quarantine=record))
+    assert woken == []
+    assert case.spool.list("hold") == [queue_id]
+    case.restart()
+    stored = case.spool.load(queue_id)
+    assert stored.quarantine == record
+    assert stored.quarantine.score == 2.0
+    # an update (an operator's release, say) keeps or clears it as told
+    case.wait(case.spool.update(attrs.evolve(stored, state="deferred", quarantine=None)))
+    case.restart()
+    assert case.spool.load(queue_id).quarantine is None

@@ -1,0 +1,82 @@
+"""The end-of-data stage: filters read the message, tag its Subject, quarantine it with a record."""
+
+from __future__ import annotations
+
+from gateway.filters import Request
+from gateway.filters.testing import StaticFilter
+from gateway.model import Action, Direction, Envelope, Quarantine, Recipient, Session, Stage, Verdict
+from gateway.reception import Reception
+from gateway.smtp.reply import Reply
+from tests.unit.reception_driver import Driver, fired
+
+CLIENT = Session("192.0.2.10")
+
+
+def driver(*filters: StaticFilter) -> Driver:
+    return Driver("[filters]\ninbound = []\n", appended={Direction.INBOUND: filters})
+
+
+def test_a_data_stage_filter_reads_the_raw_message_and_its_parse() -> None:
+    seen: list[tuple[bytes, str]] = []
+
+    def look(request: Request) -> Verdict:
+        assert request.message is not None
+        parsed = fired(request.message.parsed())
+        seen.append((request.message.read(), parsed.subject))
+        return Verdict(Action.CONTINUE)
+
+    gateway = driver(StaticFilter("reader", {Stage.DATA: look}))
+    gateway.send(CLIENT, "alice@partner.test")
+    assert seen == [(b"Subject: test\r\n\r\nhello\r\n", "test")]
+
+
+def test_a_tag_with_a_subject_prefix_marks_the_queued_message() -> None:
+    spam = Verdict(
+        Action.TAG, "bayes 9.1", score=9.1, headers=(("X-Bayes", "9.1"),), subject_prefix="SPAM*** "
+    )
+    gateway = driver(StaticFilter("bayes", {Stage.DATA: spam}), StaticFilter("again", {Stage.DATA: spam}))
+    _mail, _rcpts, end = gateway.send(CLIENT, "alice@partner.test")
+    assert end is not None and end.code == 250
+    [content] = gateway.spool.contents.values()
+    assert b"Subject: SPAM*** test\r\n" in content
+    assert content.count(b"SPAM***") == 1
+    assert b"X-Bayes: 9.1\r\n" in content
+    assert b"X-Mailgate-Score: 18.2\r\n" in content
+
+
+def test_a_quarantined_message_is_held_with_the_filters_that_spoke() -> None:
+    gateway = driver(
+        StaticFilter("dnsbl", {Stage.RCPT: Verdict(Action.TAG, "listed", score=2)}),
+        StaticFilter("clamav", {Stage.DATA: Verdict(Action.QUARANTINE, "virus Eicar-Signature")}),
+    )
+    _mail, _rcpts, end = gateway.send(CLIENT, "alice@partner.test")
+    assert end is not None and end.code == 250
+    [message] = gateway.spool.messages.values()
+    assert message.state == "hold"
+    assert message.quarantine == Quarantine(
+        "virus Eicar-Signature",
+        "inbound",
+        (("dnsbl", "tag", "listed", 2.0), ("clamav", "quarantine", "virus Eicar-Signature", 0.0)),
+    )
+
+
+def _send_rejected(keep: bool) -> tuple[Reply, Reception]:
+    gateway = driver(StaticFilter("rules", {Stage.DATA: Verdict.reject("forbidden attachment")}))
+    reception = Reception(gateway.spool, gateway.config.relay, gateway.runner, keep_rejected=keep)
+    checks = reception.open_session(CLIENT)
+    envelope = Envelope("alice@partner.test", (Recipient("bob@example.com"),))
+    message = checks.new_message(CLIENT)
+    message.write(b"Subject: invoice\r\n\r\nsee attached\r\n")
+    return fired(checks.accept(CLIENT, envelope, message)), reception
+
+
+def test_a_rejected_message_is_kept_for_review_only_when_configured() -> None:
+    reply, reception = _send_rejected(keep=False)
+    assert reply == Reply(554, "5.7.1", "forbidden attachment")
+    assert reception.spool.messages == {}  # type: ignore[attr-defined]
+    reply, reception = _send_rejected(keep=True)
+    assert reply == Reply(554, "5.7.1", "forbidden attachment")  # the client is refused all the same
+    [message] = reception.spool.messages.values()  # type: ignore[attr-defined]
+    assert message.state == "hold"
+    assert message.quarantine is not None
+    assert (message.quarantine.kind, message.quarantine.reason) == ("rejected", "forbidden attachment")
