@@ -39,6 +39,8 @@ class Attachment:
     payload: bytes  # the decoded content (base64 / quoted-printable undone)
     depth: int = 0  # MIME nesting depth of the part (0: the message itself)
     defects: tuple[str, ...] = ()  # what was wrong with this part (broken base64, ...)
+    disposition: str = ""  # "attachment", "inline", or "" when the part did not say
+    detected_type: str | None = None  # what the first bytes are ("application/zip"); None: not known
 
     @property
     def size(self) -> int:
@@ -55,6 +57,8 @@ class ParsedMessage:
     defects: tuple[str, ...] = ()  # what was malformed; the parse went as far as it could
     size: int = 0  # raw size in bytes
     truncated: bool = False  # a limit stopped the parse: the filters did not see everything
+    html: bool = False  # some of the text was taken from HTML
+    parts: int = 0  # MIME entities read (the message itself counts one)
 
     def header(self, name: str) -> list[str]:
         """Every value of a header field (case-insensitive name), decoded."""
@@ -84,6 +88,7 @@ class MessageContent:
         self._parsed: Deferred[ParsedMessage] | None = None
         self._waiting: list[Deferred[ParsedMessage]] = []
         self._result: Any = None
+        self._read = 0  # bytes handed to the parse
 
     @classmethod
     def from_bytes(cls, data: bytes, limits: ContentLimits = ContentLimits()) -> MessageContent:
@@ -106,13 +111,27 @@ class MessageContent:
         mine: Deferred[ParsedMessage] = Deferred()
         if self._parsed is None:
             self._waiting.append(mine)
-            self._parsed = maybeDeferred(self._parse, self.read(self.limits.max_bytes))
+            raw = self.read(self.limits.max_bytes)
+            self._read = len(raw)
+            self._parsed = maybeDeferred(self._parse, raw)
+            self._parsed.addCallback(self._whole)
             self._parsed.addBoth(self._done)
         elif self._waiting:
             self._waiting.append(mine)
         else:
             self._give(mine)
         return mine
+
+    def _whole(self, parsed: ParsedMessage) -> ParsedMessage:
+        """The parse of the first max_bytes, saying that the message was larger."""
+        if self.size <= self._read:
+            return parsed
+        return attrs.evolve(
+            parsed,
+            size=self.size,
+            truncated=True,
+            defects=(*parsed.defects, f"larger than {self.limits.max_bytes} bytes: the rest not read"),
+        )
 
     def _done(self, result: Any) -> None:
         self._result = result

@@ -1,0 +1,153 @@
+"""The MIME tree cut by offsets into the raw bytes, without recursion.
+
+The stdlib's feed parser nests one generator per multipart level: a message nested
+3,000 deep takes it half a second and then a RecursionError, and time grows with the
+square of the depth. So the tree is cut here: each entity is a (start, end) slice of
+the one raw buffer; its header block is parsed by the stdlib (``compat32``, which keeps
+raw values for our own decoding), its body is split on its boundary with one regular
+expression searched between offsets, so no body is copied until a leaf is decoded.
+"""
+
+from __future__ import annotations
+
+import binascii
+import re
+from email.message import Message
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+
+import attrs
+
+__all__ = ["Entity", "decode_base64", "decode_body", "read_entity", "split_multipart"]
+
+# Header lines: a field name and colon, or a continuation; the block ends at the first
+# line that is neither (normally the empty line, which is consumed).
+_HEADER_BLOCK = re.compile(rb"(?:From [^\n]*\n)?(?:[!-9;-~]+[ \t]*:[^\n]*(?:\n|\Z)|[ \t][^\n]*(?:\n|\Z))*")
+_BLANK_LINE = re.compile(rb"\r?\n")
+_BASE64_JUNK = re.compile(rb"[^A-Za-z0-9+/]")
+_BASE64_SPACE = re.compile(rb"[\s=]")
+
+_HEADERS = BytesHeaderParser(policy=compat32)
+
+
+@attrs.frozen
+class Entity:
+    """One MIME entity: its parsed header and where its body lies in the raw bytes."""
+
+    header: Message
+    body_start: int
+    body_end: int
+    defects: tuple[str, ...]
+
+
+def read_entity(raw: bytes, start: int, end: int) -> Entity:
+    """The entity in ``raw[start:end]``: header block parsed, body located."""
+    block = _HEADER_BLOCK.match(raw, start, end)
+    header_end = block.end() if block else start
+    defects: list[str] = []
+    blank = _BLANK_LINE.match(raw, header_end, end)
+    if blank:
+        body_start = blank.end()
+    else:
+        body_start = header_end
+        if header_end < end:
+            defects.append("missing blank line after the header")
+    header = _HEADERS.parsebytes(raw[start:header_end])
+    defects.extend(_defect_name(defect) for defect in header.defects)
+    return Entity(header, body_start, end, tuple(defects))
+
+
+def _defect_name(defect: object) -> str:
+    # "MissingHeaderBodySeparatorDefect" -> "missing header body separator"
+    name = type(defect).__name__.removesuffix("Defect")
+    return re.sub(r"(?<!^)(?=[A-Z])", " ", name).lower()
+
+
+def split_multipart(raw: bytes, start: int, end: int, boundary: str) -> tuple[list[tuple[int, int]], list[str]]:
+    """The parts of a multipart body as (start, end) offsets, and what was wrong with it."""
+    try:
+        separator = b"--" + boundary.encode("ascii", "surrogateescape")
+    except UnicodeEncodeError:
+        separator = b"--" + boundary.encode("utf-8", "surrogateescape")
+    # A delimiter line starts a line (the lookbehind sees the byte before `start`, which
+    # is the newline ending the header) and may carry transport padding.
+    delimiter = re.compile(rb"(?<![^\n])" + re.escape(separator) + rb"(--)?[ \t]*(?:\r?\n|\Z)")
+    parts: list[tuple[int, int]] = []
+    defects: list[str] = []
+    part_start: int | None = None
+    closed = False
+    for match in delimiter.finditer(raw, start, end):
+        if part_start is not None:
+            parts.append((part_start, _before_newline(raw, part_start, match.start())))
+        if match.group(1):
+            closed = True
+            break
+        part_start = match.end()
+    if part_start is None and not closed:
+        return [], ["multipart without its boundary"]
+    if not closed:
+        defects.append("multipart without its closing boundary")
+        if part_start is not None:
+            parts.append((part_start, end))
+    return parts, defects
+
+
+def _before_newline(raw: bytes, start: int, end: int) -> int:
+    """`end` less the line break that belongs to the following delimiter."""
+    if end > start and raw[end - 1 : end] == b"\n":
+        end -= 1
+        if end > start and raw[end - 1 : end] == b"\r":
+            end -= 1
+    return end
+
+
+def decode_base64(data: bytes) -> tuple[bytes, bool]:
+    """Lenient base64: junk skipped, padding repaired -> (bytes, whether it was broken)."""
+    clean = _BASE64_JUNK.sub(b"", data)
+    broken = len(clean) + len(_BASE64_SPACE.findall(data)) != len(data)
+    # Padding in the middle (concatenated encodings) or missing at the end is repaired
+    # by decoding the alphabet-only string in whole quanta.
+    extra = len(clean) % 4
+    if extra == 1:
+        clean = clean[:-1]
+        broken = True
+    elif extra:
+        clean += b"=" * (4 - extra)
+    try:
+        return binascii.a2b_base64(clean), broken
+    except binascii.Error:  # cannot happen after the repair above; kept for safety
+        return b"", True
+
+
+def decode_body(data: bytes, encoding: str) -> tuple[bytes, tuple[str, ...]]:
+    """A body with its Content-Transfer-Encoding undone -> (bytes, defects)."""
+    encoding = encoding.strip().lower()
+    if encoding == "base64":
+        decoded, broken = decode_base64(data)
+        return decoded, ("broken base64",) if broken else ()
+    if encoding == "quoted-printable":
+        return binascii.a2b_qp(data), ()
+    if encoding in ("", "7bit", "8bit", "binary"):
+        return data, ()
+    if encoding in ("x-uuencode", "uuencode", "x-uue", "uue"):
+        return _uudecode(data)
+    return data, (f"unknown transfer encoding {encoding[:40]!r}",)
+
+
+def _uudecode(data: bytes) -> tuple[bytes, tuple[str, ...]]:
+    decoded: list[bytes] = []
+    broken = False
+    lines = iter(data.splitlines())
+    for line in lines:
+        if line.startswith(b"begin "):
+            break
+    for line in lines:
+        if line.strip() in (b"end", b"`", b""):
+            if line.strip() == b"end":
+                break
+            continue
+        try:
+            decoded.append(binascii.a2b_uu(line))
+        except binascii.Error:
+            broken = True
+    return b"".join(decoded), ("broken uuencode",) if broken else ()
