@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import attrs
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, fail, succeed
+
+if TYPE_CHECKING:
+    from gateway.config import Section
 
 __all__ = ["Attachment", "ContentLimits", "ContentReader", "MessageContent", "ParsedMessage"]
 
@@ -28,6 +31,25 @@ class ContentLimits:
     max_parts: int = 1000  # MIME parts
     max_depth: int = 20  # MIME nesting (multipart in multipart, message/rfc822 in ...)
     max_text: int = 1024 * 1024  # characters of decoded text kept for the filters
+    threads: int = 2  # parses running at once, off the reactor thread
+
+    @classmethod
+    def from_section(cls, section: Section) -> ContentLimits:
+        """The ``[content]`` table, every key checked (an unknown key is an error)."""
+        default = cls()
+        max_bytes = section.size("max_bytes", default.max_bytes)
+        if max_bytes < 1024:
+            raise section.error("max_bytes", f"must be at least 1024 (1K), not {max_bytes}")
+        max_parts = section.positive("max_parts", default.max_parts)
+        max_depth = section.positive("max_depth", default.max_depth)
+        max_text = section.size("max_text", default.max_text)
+        if max_text < 1:
+            raise section.error("max_text", "must be at least 1")
+        threads = section.positive("threads", default.threads)
+        if threads > 64:
+            raise section.error("threads", f"must be at most 64, not {threads}")
+        section.done()
+        return cls(max_bytes, max_parts, max_depth, max_text, threads)
 
 
 @attrs.frozen
@@ -113,7 +135,7 @@ class MessageContent:
             self._waiting.append(mine)
             raw = self.read(self.limits.max_bytes)
             self._read = len(raw)
-            self._parsed = maybeDeferred(self._parse, raw)
+            self._parsed = self._start(raw)
             self._parsed.addCallback(self._whole)
             self._parsed.addBoth(self._done)
         elif self._waiting:
@@ -121,6 +143,13 @@ class MessageContent:
         else:
             self._give(mine)
         return mine
+
+    def _start(self, raw: bytes) -> Deferred[ParsedMessage]:
+        try:
+            result = self._parse(raw)
+        except Exception:
+            return fail()
+        return result if isinstance(result, Deferred) else succeed(result)
 
     def _whole(self, parsed: ParsedMessage) -> ParsedMessage:
         """The parse of the first max_bytes, saying that the message was larger."""
@@ -151,10 +180,12 @@ class MessageContent:
 class ContentReader:
     """Makes the `MessageContent` of each message, parsing in a bounded pool off the reactor."""
 
-    def __init__(self, reactor: Any, limits: ContentLimits = ContentLimits(), threads: int = 2) -> None:
+    def __init__(
+        self, reactor: Any, limits: ContentLimits = ContentLimits(), threads: int | None = None
+    ) -> None:
         self.reactor = reactor
         self.limits = limits
-        self._threads = threads
+        self._threads = limits.threads if threads is None else threads
         self._pool: Any = None
 
     def _run(self, raw: bytes) -> Deferred[ParsedMessage]:

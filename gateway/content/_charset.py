@@ -15,6 +15,7 @@ else Latin-1 (which cannot fail).
 from __future__ import annotations
 
 import codecs
+import contextlib
 import re
 
 __all__ = ["decode_text", "decode_words"]
@@ -66,9 +67,12 @@ _ALIASES: dict[str, tuple[str, ...]] = {
 _UNKNOWN = frozenset({"", "unknown", "unknown-8bit", "x-unknown", "default", "x-user-defined", "8bit"})
 
 # Text codecs that are not charsets; a header naming one is not obeyed.
-_NOT_CHARSETS = frozenset({"idna", "punycode", "unicode_escape", "raw_unicode_escape", "undefined", "mbcs", "oem"})
+_NOT_CHARSETS = frozenset(
+    {"idna", "punycode", "unicode_escape", "raw_unicode_escape", "undefined", "mbcs", "oem"}
+)
 
 _SAMPLE = 16384  # characters scored when guessing
+_PUNCTUATION = re.compile("[\u3000-\u303f\uff01-\uff5e]")  # CJK and full-width punctuation
 
 
 def _codecs_for(label: str) -> tuple[str, ...] | None:
@@ -137,7 +141,7 @@ def _score(text: str, frequent: frozenset[str]) -> float:
     wide = [char for char in text[:_SAMPLE] if char > "\x7f"]
     if not wide:
         return 0.0
-    good = sum(1 for char in wide if char in frequent or "\u3000" <= char <= "\u303f" or "\uff01" <= char <= "\uff5e")
+    good = sum(1 for char in wide if char in frequent or _PUNCTUATION.match(char))
     return good / len(wide)
 
 
@@ -146,10 +150,8 @@ def _table(codec: str, leads: range, trails: tuple[range, ...]) -> frozenset[str
     for lead in leads:
         for trail_range in trails:
             for trail in trail_range:
-                try:
+                with contextlib.suppress(UnicodeDecodeError):
                     chars.add(bytes((lead, trail)).decode(codec))
-                except UnicodeDecodeError:
-                    pass
     return frozenset(chars)
 
 

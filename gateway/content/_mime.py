@@ -63,7 +63,9 @@ def _defect_name(defect: object) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", " ", name).lower()
 
 
-def split_multipart(raw: bytes, start: int, end: int, boundary: str) -> tuple[list[tuple[int, int]], list[str]]:
+def split_multipart(
+    raw: bytes, start: int, end: int, boundary: str
+) -> tuple[list[tuple[int, int]], list[str]]:
     """The parts of a multipart body as (start, end) offsets, and what was wrong with it."""
     try:
         separator = b"--" + boundary.encode("ascii", "surrogateescape")

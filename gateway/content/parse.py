@@ -101,7 +101,9 @@ class _Walk:
             return False
         return True
 
-    def descend(self, pending: _Pending, header: Message, content_type: str, body: tuple[bytes, int, int]) -> bool:
+    def descend(
+        self, pending: _Pending, header: Message, content_type: str, body: tuple[bytes, int, int]
+    ) -> bool:
         """Pushes a multipart's children; False if it has none to read (then it is read as text)."""
         boundary = header.get_boundary()
         if not boundary:
@@ -140,7 +142,9 @@ class _Walk:
         self.stack.append(_Pending(buffer, start, end, pending.depth + 1, "text/plain", pending.branch))
         return True
 
-    def leaf(self, pending: _Pending, header: Message, content_type: str, body: tuple[bytes, int, int]) -> None:
+    def leaf(
+        self, pending: _Pending, header: Message, content_type: str, body: tuple[bytes, int, int]
+    ) -> None:
         buffer, start, end = body
         payload, problems = decode_body(buffer[start:end], str(header.get("content-transfer-encoding", "")))
         self.defect(*problems)
@@ -195,7 +199,10 @@ class _Walk:
             if number in done:
                 continue
             done.add(number)
-            kept.extend(_distinct_branches([(b, t) for b, t in self.texts if b is not None and b[0] == number]))
+            branches = [
+                (other, text) for other, text in self.texts if other is not None and other[0] == number
+            ]
+            kept.extend(_distinct_branches(branches))
         joined = "\n\n".join(kept)
         if len(joined) > self.limits.max_text:
             self.limit(f"more than {self.limits.max_text} characters of text: the rest not read")
@@ -255,7 +262,10 @@ def _filename(header: Message) -> tuple[str | None, tuple[str, ...]]:
     return name, problems
 
 
-def parse_message(raw: bytes, limits: ContentLimits = ContentLimits()) -> ParsedMessage:
+_DEFAULT_LIMITS = ContentLimits()
+
+
+def parse_message(raw: bytes, limits: ContentLimits = _DEFAULT_LIMITS) -> ParsedMessage:
     """The message's headers, text and attachments, decoded as far as its MIME goes.
 
     Never raises on any input: what was malformed is in ``defects``, and ``truncated``
