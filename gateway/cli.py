@@ -25,6 +25,7 @@ import sys
 from typing import Any
 
 from gateway import config as configuration
+from gateway.quarantine import cli as quarantine_cli
 
 DEFAULT_CONFIG = "/etc/mailgate/mailgate.toml"
 
@@ -222,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     filters.add_argument("--available", action="store_true", help="list the filters a chain may use")
     commands.add_parser("reload", help="make the running gateway re-read its list files")
     commands.add_parser("passwd", help="print a credentials-file line for a user").add_argument("user")
+    quarantine_cli.add_commands(commands)
     return parser
 
 
@@ -246,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
             print_filter_counters(status.get("filters", {}))
         elif args.command == "reload":
             print(call(sock, {"command": "reload"}))
+        elif args.command == "quarantine":
+            quarantine_cli.run(args, lambda request: call(sock, request))
         elif args.action == "list":
             print_queue(call(sock, {"command": "queue.list"}))
         elif args.action == "show":

@@ -154,6 +154,15 @@ class GatewayConfig:
     hash_levels: int = 2
     control_socket: str = ""  # "" = <state_dir>/control.sock
     max_open_files: int = 65536
+    postmaster: str = ""  # "" = postmaster@<the first relay domain, or hostname>
+
+
+@attrs.frozen
+class QuarantineConfig:
+    retention: float = 30 * 86400.0  # quarantined messages older than this are deleted
+    notice_time: str = "08:00"  # local time of the daily notice; "" = no notice
+    notice_to: str = ""  # "" = the postmaster
+    keep_rejected: bool = False  # keep a copy of mail refused at the end of DATA, for review
 
 
 @attrs.frozen
@@ -169,6 +178,15 @@ class Config:
     delivery: DeliveryConfig
     dns: DnsConfig
     filters: FiltersConfig = FiltersConfig()
+    quarantine: QuarantineConfig = QuarantineConfig()
+
+    @property
+    def postmaster(self) -> str:
+        """Where the gateway's notices go."""
+        if self.gateway.postmaster:
+            return self.gateway.postmaster
+        domain = next((d for d in self.relay.domains if "*" not in d), self.gateway.hostname)
+        return f"postmaster@{domain}"
 
     @property
     def spool_dir(self) -> str:
@@ -416,7 +434,10 @@ def parse(text: str, source: str = "<config>", *, base_dir: str | None = None) -
         hash_levels=section.take("hash_levels", int, 2),
         control_socket=path_of(section, "control_socket", ""),
         max_open_files=section.positive("max_open_files", 65536),
+        postmaster=section.take("postmaster", str, ""),
     )
+    if gateway.postmaster and "@" not in gateway.postmaster:
+        raise section.error("postmaster", f"{gateway.postmaster!r} is not a mail address (user@domain)")
     if not 0 <= gateway.hash_levels <= 4:
         raise section.error("hash_levels", "must be between 0 and 4")
     section.done()
@@ -560,9 +581,32 @@ def parse(text: str, source: str = "<config>", *, base_dir: str | None = None) -
     )
     section.done()
     filters = _filters(root.sub("filters"))
+    quarantine = _quarantine(root.sub("quarantine"))
     root.done()
 
-    return Config(source, gateway, smtp, tls, auth, relay, tuple(routes), upstream, delivery, dns, filters)
+    return Config(
+        source, gateway, smtp, tls, auth, relay, tuple(routes), upstream, delivery, dns, filters, quarantine
+    )
+
+
+def _quarantine(section: Section) -> QuarantineConfig:
+    notice_time = section.take("notice_time", str, "08:00")
+    if notice_time and not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", notice_time):
+        raise section.error(
+            "notice_time", f'{notice_time!r} is not a time of day (write "08:00", or "" for none)'
+        )
+    quarantine = QuarantineConfig(
+        retention=section.duration("retention", 30 * 86400),
+        notice_time=notice_time,
+        notice_to=section.take("notice_to", str, ""),
+        keep_rejected=section.take("keep_rejected", bool, False),
+    )
+    if quarantine.retention <= 0:
+        raise section.error("retention", "must be longer than 0 s")
+    if quarantine.notice_to and "@" not in quarantine.notice_to:
+        raise section.error("notice_to", f"{quarantine.notice_to!r} is not a mail address (user@domain)")
+    section.done()
+    return quarantine
 
 
 def _filters(section: Section) -> FiltersConfig:
@@ -614,7 +658,18 @@ def non_defaults(config: Config) -> list[tuple[str, object]]:
     """(key, value) for every setting that differs from its default, like `postconf -n`."""
     defaults = parse("", "<defaults>", base_dir="/")
     found: list[tuple[str, object]] = []
-    for name in ("gateway", "smtp", "tls", "auth", "relay", "upstream", "delivery", "dns", "filters"):
+    for name in (
+        "gateway",
+        "smtp",
+        "tls",
+        "auth",
+        "relay",
+        "upstream",
+        "delivery",
+        "dns",
+        "filters",
+        "quarantine",
+    ):
         ours, theirs = getattr(config, name), getattr(defaults, name)
         for field in attrs.fields(type(ours)):
             value = getattr(ours, field.name)

@@ -33,6 +33,9 @@ from gateway.delivery.transports import ThreadPoolService, Transports
 from gateway.filters.anvil import AnvilServer, anvil_socket_path, process_anvil
 from gateway.filters.chain import add_counters
 from gateway.filters.reload import SighupReload, reloader
+from gateway.quarantine import QuarantineRoom
+from gateway.quarantine.outbox import SpoolOutbox
+from gateway.quarantine.service import QuarantineService
 from gateway.queue.spool import DirectorySpool
 from gateway.reception import Reception
 from gateway.smtp.auth import CredentialsError, FileCredentials
@@ -207,11 +210,24 @@ def smtp_factory_maker(
 
 def make_reception(cfg: configuration.Config, spool: Any, reactor: Any, services: Any = None) -> Reception:
     """The reception with the configured filter chains (raises ConfigError for a bad chain)."""
+    from gateway.content import ContentReader
     from gateway.filters import FilterServices
     from gateway.filters.registry import build_runner
+    from gateway.quarantine.outbox import SpoolOutbox
 
-    runner = build_runner(cfg, services or FilterServices(cfg, reactor))
-    return Reception(spool, cfg.relay, runner, headers=cfg.filters.headers)
+    if services is None:
+        outbox = SpoolOutbox(spool, cfg.gateway.hostname, cfg.postmaster)
+        services = FilterServices(cfg, reactor, outbox=outbox)
+    runner = build_runner(cfg, services)
+    reader = ContentReader(reactor)
+    return Reception(
+        spool,
+        cfg.relay,
+        runner,
+        headers=cfg.filters.headers,
+        content=lambda message: reader.content(message.size, message.open),
+        keep_rejected=cfg.quarantine.keep_rejected,
+    )
 
 
 def make_service(
@@ -274,9 +290,18 @@ def make_service(
         return total
 
     SighupReload(reactor, reload).setServiceParent(top)  # installs at start, restores at stop
+    room = QuarantineRoom(spool, manager, retention=cfg.quarantine.retention)
+    QuarantineService(
+        room,
+        SpoolOutbox(spool, cfg.gateway.hostname, cfg.postmaster),
+        cfg.gateway.hostname,
+        notice_time=cfg.quarantine.notice_time,
+        notice_to=cfg.quarantine.notice_to,
+        clock=reactor,
+    ).setServiceParent(top)
     control = StreamServerEndpointService(
         UNIXServerEndpoint(reactor, cfg.control_socket, mode=0o600, wantPID=True),
-        ControlFactory(manager, spool, time.time(), reload=reload, filter_counters=counters),
+        ControlFactory(manager, spool, time.time(), reload=reload, filter_counters=counters, quarantine=room),
     )
     control._raiseSynchronously = True
     control.setServiceParent(top)

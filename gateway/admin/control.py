@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 
 from gateway.delivery.manager import QueueManager, describe
 from gateway.interfaces import ISpool
+from gateway.quarantine import QuarantineRoom, Selection
 
 log = Logger(namespace="mailgate.admin")
 
@@ -78,12 +79,14 @@ class ControlFactory(Factory):
         started: float | None = None,
         reload: Callable[[], str] | None = None,
         filter_counters: Callable[[], dict[str, Any]] | None = None,
+        quarantine: QuarantineRoom | None = None,
     ) -> None:
         self.manager = manager
         self.spool = spool
         self.started = started or time.time()
         self.reload = reload
         self.filter_counters = filter_counters
+        self.quarantine = quarantine or QuarantineRoom(spool, manager)
 
     def buildProtocol(self, addr: object) -> ControlProtocol:
         protocol = ControlProtocol(
@@ -96,6 +99,11 @@ class ControlFactory(Factory):
                 "queue.delete": lambda r: self._then(self.manager.delete(r["id"]), r["id"]),
                 "queue.flush": lambda r: self.manager.flush(r.get("id")),
                 "reload": self.run_reload,
+                "quarantine.list": self.quarantine_list,
+                "quarantine.show": self.quarantine_show,
+                "quarantine.release": lambda r: self.quarantine.release(r["id"]),
+                "quarantine.delete": lambda r: self.quarantine.delete(r["id"]),
+                "quarantine.train": lambda r: self.quarantine.train(r["id"], bool(r["spam"])),
             }
         )
         protocol.factory = self
@@ -127,4 +135,21 @@ class ControlFactory(Factory):
             head = handle.read(HEADERS_SHOWN)
         end = head.find(b"\r\n\r\n")
         shown["headers"] = (head if end < 0 else head[: end + 2]).decode("utf-8", "replace")
+        return shown
+
+    def quarantine_list(self, request: dict[str, Any]) -> list[dict[str, Any]]:
+        selection = Selection(
+            since=request.get("since"),
+            until=request.get("until"),
+            recipient=request.get("recipient") or "",
+            reason=request.get("reason") or "",
+            kind=request.get("kind") or "",
+        )
+        return [self.quarantine.row(message) for message in self.quarantine.messages(selection)]
+
+    def quarantine_show(self, request: dict[str, Any]) -> dict[str, Any]:
+        queue_id = request["id"]
+        shown = self.quarantine.row(self.quarantine.load(queue_id))
+        with open(self.spool.message_path(queue_id), "rb") as handle:
+            shown["text"] = handle.read(HEADERS_SHOWN).decode("utf-8", "replace")
         return shown

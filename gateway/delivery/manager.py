@@ -322,7 +322,8 @@ class QueueManager(Service):
         message = self.spool.load(queue_id)
         if message.state != "hold":
             raise ValueError(f"{queue_id} is not on hold (it is {message.state})")
-        d = self.spool.update(attrs.evolve(message, state="deferred", next_attempt=0.0))
+        # out of the quarantine too: its record stays in the log, not with the message
+        d = self.spool.update(attrs.evolve(message, state="deferred", next_attempt=0.0, quarantine=None))
         d.addCallback(lambda _: self.wake(queue_id))
         return d
 
