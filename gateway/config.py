@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import attrs
 
+from gateway.content import ContentLimits
 from gateway.model import Role
 
 T = TypeVar("T")
@@ -179,6 +180,7 @@ class Config:
     dns: DnsConfig
     filters: FiltersConfig = FiltersConfig()
     quarantine: QuarantineConfig = QuarantineConfig()
+    content: ContentLimits = ContentLimits()  # noqa: RUF009 (frozen: one shared default is safe)
 
     @property
     def postmaster(self) -> str:
@@ -582,10 +584,23 @@ def parse(text: str, source: str = "<config>", *, base_dir: str | None = None) -
     section.done()
     filters = _filters(root.sub("filters"))
     quarantine = _quarantine(root.sub("quarantine"))
+    content = ContentLimits.from_section(root.sub("content"))
     root.done()
 
     return Config(
-        source, gateway, smtp, tls, auth, relay, tuple(routes), upstream, delivery, dns, filters, quarantine
+        source,
+        gateway,
+        smtp,
+        tls,
+        auth,
+        relay,
+        tuple(routes),
+        upstream,
+        delivery,
+        dns,
+        filters,
+        quarantine,
+        content,
     )
 
 

@@ -219,7 +219,7 @@ def make_reception(cfg: configuration.Config, spool: Any, reactor: Any, services
         outbox = SpoolOutbox(spool, cfg.gateway.hostname, cfg.postmaster)
         services = FilterServices(cfg, reactor, outbox=outbox)
     runner = build_runner(cfg, services)
-    reader = ContentReader(reactor)
+    reader = ContentReader(reactor, cfg.content)
     return Reception(
         spool,
         cfg.relay,
