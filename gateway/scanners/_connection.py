@@ -111,6 +111,20 @@ class _Once(Factory):
         return self.protocol_instance
 
 
+def client_endpoint(reactor: Any, spec: str) -> IStreamClientEndpoint:
+    """The endpoint for a scanner's address, a Twisted client string: "tcp:127.0.0.1:783",
+    "unix:/var/run/clamav/clamd.ctl". ValueError names what is wrong; nothing connects yet."""
+    from twisted.internet.endpoints import clientFromString
+
+    try:
+        endpoint: IStreamClientEndpoint = clientFromString(reactor, spec)  # type: ignore[no-untyped-call]
+    except (ValueError, TypeError, KeyError, IndexError) as error:
+        raise ValueError(
+            f'{spec!r} is not a client endpoint like "tcp:127.0.0.1:783" or "unix:/path" ({error})'
+        ) from None
+    return endpoint
+
+
 class ScannerConnections:
     """Exchanges with one daemon at `endpoint`: limited in number and in time (module docstring)."""
 

@@ -105,7 +105,8 @@ class SpamdProtocol(ExchangeProtocol[_Reply]):
         if head_end < 0:
             return None
         headers = []
-        for line in reply[line_end + 2 : head_end].split(b"\r\n"):
+        block = reply[line_end + 2 : head_end] if head_end > line_end else b""
+        for line in block.split(b"\r\n") if block else ():
             name, colon, value = line.decode("latin-1").partition(":")
             if not colon:
                 raise ScannerProtocolError(f"spamd sent a malformed header line {_shown(line)!r}")
