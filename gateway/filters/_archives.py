@@ -257,6 +257,9 @@ class _Walk:
             if not infos and archive.needs_password():
                 self.troubles.append(Trouble(Problem.ENCRYPTED, path, "encrypted (names and all)"))
                 return
+            if not infos:
+                # rarfile stops quietly at a header it cannot parse; an empty RAR is not mail
+                raise rarfile.BadRarFile("no file could be read from it")
             self._count(len(infos))
             self._grow(sum(info.file_size or 0 for info in infos))
             for info in infos:
