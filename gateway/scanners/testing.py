@@ -85,19 +85,39 @@ class Attempt:
 
 @implementer(IStreamClientEndpoint)
 class MemoryEndpoint:
-    """An endpoint that records connection attempts; `auto` connects each one at once."""
+    """An endpoint that records connection attempts; `auto` connects each one at once.
 
-    def __init__(self, auto: bool = False) -> None:
+    `script` plays the daemon for the filters' tests: one entry per connection, in
+    order — bytes: connect, take the whole request, answer that and close; an
+    exception: the connection fails with it; None: connect and never answer.
+    """
+
+    def __init__(self, auto: bool = False, script: list[bytes | Exception | None] | None = None) -> None:
         self.auto = auto
+        self.script = list(script) if script is not None else None
         self.attempts: list[Attempt] = []
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
         attempt = Attempt(protocolFactory)
         self.attempts.append(attempt)
-        if self.auto:
+        if self.script is not None:
+            assert self.script, "the client connected more often than the test scripted"
+            entry = self.script.pop(0)
+            if isinstance(entry, Exception):
+                attempt.deferred.errback(entry)
+                return attempt.deferred
+            attempt.succeed()
+            if entry is not None:
+                attempt.sent()
+                attempt.answer(entry)
+        elif self.auto:
             attempt.succeed()
         return attempt.deferred
 
     @property
     def last(self) -> Attempt:
         return self.attempts[-1]
+
+    def requests(self) -> list[bytes]:
+        """What the client sent on each connection so far."""
+        return [attempt.sent() if attempt.transport is not None else b"" for attempt in self.attempts]
