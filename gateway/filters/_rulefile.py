@@ -134,6 +134,10 @@ class _Table(Section):
         full = f"{self.path}.{key}" if key else self.path
         return ConfigError(self.source, full, problem, self.line_of(key))
 
+    def done(self) -> None:
+        for key in self.table:
+            raise self.error(key, "unknown key (see etc/rules.example.toml for the documented keys)")
+
     def line_of(self, key: str) -> int:
         first, end = self.span
         if key:
