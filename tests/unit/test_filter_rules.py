@@ -380,3 +380,23 @@ def test_the_services_give_the_outbox_and_store(tmp_path: Path) -> None:
     )
     fired(built.check(request))
     assert outbox.sent[0][1] == ("admin@example.com",)
+
+
+@pytest.mark.parametrize(
+    "charset,encoded",
+    [
+        ("x-no-such-charset", "Überweisung sofort".encode("latin-1")),  # an unknown charset
+        ("us-ascii", "Überweisung sofort".encode()),  # a wrong one: 8-bit bytes labelled ASCII
+        ("utf-8", b"\xdcberweisung sofort"),  # latin-1 bytes labelled UTF-8
+    ],
+)
+def test_a_body_in_a_wrong_or_unknown_charset_is_still_matched(
+    tmp_path: Path, charset: str, encoded: bytes
+) -> None:
+    setup = Setup(tmp_path, rule(when("body", 'contains = "berweisung sofort"')))
+    raw = (
+        b"From: a@partner.test\r\nSubject: x\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: text/plain; charset=" + charset.encode() + b"\r\n"
+        b"Content-Transfer-Encoding: 8bit\r\n\r\n" + encoded + b"\r\n"
+    )
+    assert setup.check(raw) == NO
