@@ -13,9 +13,10 @@ once per message (a set, not a bag), and the tokens are
 - URLs: ``proto:https``, the host and each parent domain (``url:example.com``),
   and the path's words (``url:click``);
 - headers, prefixed with their name (``subject:free``, ``from:addr:example.com``,
-  ``received:203.0.113``, ``content-type:text/html``), and one
-  ``header:<Name>:<count>`` per header name, so which headers a message carries
-  (and which it lacks) is a clue too;
+  ``received:203.0.113``, ``content-type:text/html``). (SpamBayes's tokens for
+  the mere presence of each header name were tried and left out: on the
+  SpamAssassin corpus they raised false negatives from 20 to 27 of 945 and
+  saved no false positive, learning how the corpus was collected.)
 - attachments: their types and file-name extensions (``attachment:type:...``).
 
 Text is folded with NFKC first, so full-width Latin (common in Chinese spam)
@@ -29,7 +30,6 @@ from __future__ import annotations
 import itertools
 import re
 import unicodedata
-from collections import Counter
 from collections.abc import Iterable, Iterator
 
 from gateway.content import ParsedMessage
@@ -39,7 +39,10 @@ __all__ = ["DEFAULT_SUBJECT_PREFIX", "tokenize", "tokenize_headers", "tokenize_t
 DEFAULT_SUBJECT_PREFIX = "SPAM*** "
 MIN_WORD = 3
 MAX_WORD = 12
-MAX_TOKENS_FROM_TEXT = 20000  # a huge body gives no more evidence after this many tokens
+# a huge body gives no more evidence after this much (and tokenizing it must stay quick:
+# it runs on the reactor's thread, about 1 ms for a typical message)
+MAX_TEXT = 200_000  # characters
+MAX_TOKENS_FROM_TEXT = 20_000
 
 # Han (with extensions and compatibility ideographs), Hiragana, Katakana (half-width too)
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f\U00020000-\U0002fa1f"
@@ -77,7 +80,7 @@ def tokenize(message: ParsedMessage, subject_prefix: str = DEFAULT_SUBJECT_PREFI
 
 def tokenize_text(text: str) -> Iterator[str]:
     """The tokens of a body's text (words, CJK bigrams, URL pieces, address parts)."""
-    text = unicodedata.normalize("NFKC", text)
+    text = unicodedata.normalize("NFKC", text[:MAX_TEXT])
     yield from itertools.islice(_text_tokens(text), MAX_TOKENS_FROM_TEXT)
 
 
@@ -138,12 +141,10 @@ def tokenize_headers(
     headers: Iterable[tuple[str, str]], subject_prefix: str = DEFAULT_SUBJECT_PREFIX
 ) -> Iterator[str]:
     """The tokens of a message's header (the gateway's own X-Mailgate-* fields left out)."""
-    names: Counter[str] = Counter()
     for name, raw_value in headers:
         field = name.lower()
         if field.startswith("x-mailgate-"):
             continue
-        names[name] += 1
         value = unicodedata.normalize("NFKC", raw_value)
         if field == "subject":
             if subject_prefix and value.startswith(subject_prefix):
@@ -160,8 +161,6 @@ def tokenize_headers(
             yield from _message_id_tokens(value)
         elif field in ("content-type", "content-transfer-encoding", "content-disposition"):
             yield from _content_tokens(field, value)
-    for name, count in names.items():
-        yield f"header:{name}:{min(count, 5)}"
 
 
 def _subject_shape(subject: str) -> Iterator[str]:
