@@ -322,9 +322,13 @@ class _Walk:
         )
 
     def _consider(self, link: Link, verdict: Verdict) -> Outcome | None:
-        if verdict.action is Action.TAG:
+        if verdict.action is Action.TAG or (
+            # headers on a verdict that lets the message go on somewhere (a copy, the
+            # quarantine, another address) are kept: a released message shows them
+            (verdict.headers or verdict.subject_prefix) and verdict.action not in _REFUSALS
+        ):
             self.tags.append(verdict)
-        elif verdict.action is Action.COPY_TO and verdict.target:
+        if verdict.action is Action.COPY_TO and verdict.target:
             self.copies.append(verdict.target)
         if verdict.action.ends_stage:
             return self._outcome(verdict, link.name)
@@ -332,6 +336,9 @@ class _Walk:
 
     def _outcome(self, verdict: Verdict, decided_by: str | None) -> Outcome:
         return Outcome(verdict, decided_by, tuple(self.tags), tuple(self.copies), tuple(self.hits))
+
+
+_REFUSALS = frozenset({Action.REJECT, Action.DEFER, Action.DISCARD})
 
 
 def check_filter(candidate: object, name: str) -> None:

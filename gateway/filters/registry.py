@@ -39,6 +39,8 @@ BUILTIN: dict[str, str] = {
     "greylist": "gateway.filters.greylist:Greylist",
     "quota": "gateway.filters.quota:Quota",
     "auto-whitelist": "gateway.filters.auto_whitelist:AutoWhitelist",
+    "attachments": "gateway.filters.attachments:Attachments",
+    "rules": "gateway.filters.rules:Rules",
 }
 
 

@@ -199,8 +199,8 @@ class Rules:
         store: Callable[[], Any] | None = None,
         hostname: str = "localhost",
     ) -> None:
-        self.path = path
-        self.ruleset: RuleSet = load_rules(path)
+        self.path = path  # "" = no rule file: the filter has no rules
+        self.ruleset: RuleSet = load_rules(path) if path else RuleSet()
         self._outbox = outbox
         self._store = store
         self.hostname = hostname
@@ -210,12 +210,10 @@ class Rules:
         import os
 
         path = options.take("file", str, "")
-        if not path:
-            raise options.error("file", 'is required: the rule file (like "/etc/mailgate/rules.toml")')
-        if not options.source.startswith("<"):
+        if path and not options.source.startswith("<"):
             path = os.path.join(os.path.dirname(os.path.abspath(options.source)), path)
         return cls(
-            os.path.normpath(path),
+            os.path.normpath(path) if path else "",
             outbox=lambda: services.outbox,
             store=lambda: services.store,
             hostname=services.hostname,
@@ -223,6 +221,8 @@ class Rules:
 
     def reload(self) -> None:
         """Re-read the rule file; on a bad one raise ConfigError and keep the old rules."""
+        if not self.path:
+            return
         self.ruleset = load_rules(self.path)
         log.info("rules reloaded: {count} rule(s) from {path}", count=len(self.ruleset.rules), path=self.path)
 

@@ -350,9 +350,8 @@ def test_the_reload_command_reports_a_bad_rule_file_with_its_line(tmp_path: Path
     assert result.failed and "rules.toml, line 2: rule[0].name: must be a string" in result.failed[0][1]
 
 
-def test_a_missing_file_option_or_a_bad_rule_file_stops_the_start(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"filters\.rules\.file: is required"):
-        built("")
+def test_no_file_means_no_rules_and_a_bad_rule_file_stops_the_start(tmp_path: Path) -> None:
+    assert built("").ruleset.rules == ()
     bad = tmp_path / "rules.toml"
     bad.write_text('[[rule]]\nname = "r"\ndirection = "in"\n')
     with pytest.raises(ConfigError, match=r"rules.toml, line 3: rule\[0\].direction"):

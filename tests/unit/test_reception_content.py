@@ -80,3 +80,25 @@ def test_a_rejected_message_is_kept_for_review_only_when_configured() -> None:
     assert message.state == "hold"
     assert message.quarantine is not None
     assert (message.quarantine.kind, message.quarantine.reason) == ("rejected", "forbidden attachment")
+
+
+def test_headers_on_a_copy_or_a_quarantine_are_kept_on_the_message() -> None:
+    gateway = driver(
+        StaticFilter(
+            "rules",
+            {
+                Stage.DATA: Verdict(
+                    Action.COPY_TO, "audit", target="audit@example.com", headers=(("X-Rule", "audit"),)
+                )
+            },
+        ),
+        StaticFilter(
+            "bayes", {Stage.DATA: Verdict(Action.QUARANTINE, "bayes 8", score=8, headers=(("X-Bayes", "8"),))}
+        ),
+    )
+    gateway.send(CLIENT, "alice@partner.test")
+    [message] = gateway.spool.messages.values()
+    [content] = gateway.spool.contents.values()
+    assert message.state == "hold"
+    assert [r.recipient.address for r in message.recipients] == ["bob@example.com", "audit@example.com"]
+    assert b"X-Rule: audit\r\n" in content and b"X-Bayes: 8\r\n" in content
