@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from gateway.interfaces import IIncomingMessage, IReception
-from gateway.model import Envelope, Recipient, Session
+from gateway.model import Envelope, Quarantine, Recipient, Session
 from gateway.smtp.reply import Reply
 
 _QUEUE_IDS = itertools.count(1)
@@ -27,6 +28,9 @@ class RecordedMessage:
         self.aborted = False
         self.committed = False
         self.added = 0  # add_headers calls
+        self.held = False
+        self.quarantine: Quarantine | None = None
+        self.subject_prefix = ""
 
     @property
     def data(self) -> bytes:
@@ -43,9 +47,18 @@ class RecordedMessage:
         self.added += 1
         self.size += len(data)
 
-    def commit(self, envelope: Envelope, session: Session, hold: bool = False) -> Deferred[str]:
+    def prefix_subject(self, prefix: str) -> None:
+        self.subject_prefix = prefix
+
+    def open(self) -> IO[bytes]:
+        return io.BytesIO(self.data)
+
+    def commit(
+        self, envelope: Envelope, session: Session, hold: bool = False, quarantine: Quarantine | None = None
+    ) -> Deferred[str]:
         self.committed = True
-        self.held = hold
+        self.held = hold or quarantine is not None
+        self.quarantine = quarantine
         return succeed(self.queue_id)
 
     def abort(self) -> None:
