@@ -50,8 +50,9 @@ _CJK_RUN = re.compile(f"[{_CJK}]+")
 _URL = re.compile(r"(https?|ftp)://([^\s/?#<>\"']+)([^\s<>\"']*)", re.IGNORECASE)
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 # a word: letters, digits and the punctuation that lives inside words ($100, e-mail, it's)
-_WORD = re.compile(rf"[^\s{_CJK}\"()<>\[\]{{}},;:!?*=|\\/]+")
-_TRIM = "'.-_$#%&+~`^@"
+# (CJK punctuation and full-width forms end a word as a space does)
+_WORD = re.compile(rf"[^\s{_CJK}\u3000-\u303f\uff00-\uff65\"()<>\[\]{{}},;:!?*=|\\/]+")
+_TRIM = "'.-_#%&+~`^@"
 _IPV4 = re.compile(r"\b(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})\b")
 _HOST = re.compile(r"\b[a-z0-9-]+(?:\.[a-z0-9-]+)+\b")
 
