@@ -6,14 +6,17 @@ look like; spamd's recorded answers are played back, whole or in pieces.
 
 from __future__ import annotations
 
+import itertools
 import re
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 
-from gateway.scanners import ScannerProtocolError, ScannerTimeout, ScannerUnavailable
+from gateway.scanners import ScannerError, ScannerProtocolError, ScannerTimeout, ScannerUnavailable
 from gateway.scanners.spamd import SpamdClient, SpamdResult, TellResult, request
 from gateway.scanners.testing import MemoryEndpoint
 
@@ -305,3 +308,28 @@ def test_request_bytes() -> None:
     assert request("CHECK", b"x", "bob", [("Compress", "no")]) == (
         b"CHECK SPAMC/1.5\r\nContent-length: 1\r\nUser: bob\r\nCompress: no\r\n\r\nx"
     )
+
+
+@given(cuts=st.lists(st.integers(0, len(SYMBOLS_SPAM)), max_size=6))
+def test_any_split_of_an_answer_reads_the_same(cuts: list[int]) -> None:
+    endpoint = MemoryEndpoint(auto=True)
+    answer = client(endpoint).symbols(SPAM)
+    edges = [0, *sorted(cuts), len(SYMBOLS_SPAM)]
+    for start, end in itertools.pairwise(edges):
+        endpoint.last.answer(SYMBOLS_SPAM[start:end], close=False)
+    endpoint.last.close()
+    assert result(answer).symbols[0] == "GTUBE"
+
+
+@given(reply=st.binary(max_size=300))
+def test_whatever_a_broken_daemon_says_is_never_a_result_unless_it_is_one(reply: bytes) -> None:
+    endpoint = MemoryEndpoint(auto=True)
+    answer = client(endpoint).symbols(SPAM)
+    endpoint.last.answer(reply)
+    outcome: list[Any] = []
+    answer.addBoth(outcome.append)
+    if isinstance(outcome[0], SpamdResult):
+        assert reply.startswith(b"SPAMD/") and b" 0 " in reply.split(b"\r\n")[0]
+        assert b"\r\nSpam: " in reply or b"\r\nspam: " in reply.lower()
+    else:
+        assert outcome[0].check(ScannerError)
