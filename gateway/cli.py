@@ -25,6 +25,7 @@ import sys
 from typing import Any
 
 from gateway import config as configuration
+from gateway.bayes import cli as bayes_cli
 from gateway.quarantine import cli as quarantine_cli
 
 DEFAULT_CONFIG = "/etc/mailgate/mailgate.toml"
@@ -224,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("reload", help="make the running gateway re-read its list files")
     commands.add_parser("passwd", help="print a credentials-file line for a user").add_argument("user")
     quarantine_cli.add_commands(commands)
+    bayes_cli.add_commands(commands)
     return parser
 
 
@@ -237,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             config_check(cfg)
             return 0
+        if args.command == "bayes":
+            return bayes_cli.run(args, cfg)  # on the token database itself, like sa-learn
         if args.command == "filters":
             (print_available if args.available else print_filters)(cfg)
             return 0

@@ -290,7 +290,9 @@ def make_service(
         return total
 
     SighupReload(reactor, reload).setServiceParent(top)  # installs at start, restores at stop
-    room = QuarantineRoom(spool, manager, retention=cfg.quarantine.retention)
+    room = QuarantineRoom(
+        spool, manager, retention=cfg.quarantine.retention, trainer=bayes_trainer(cfg, reactor)
+    )
     QuarantineService(
         room,
         SpoolOutbox(spool, cfg.gateway.hostname, cfg.postmaster),
@@ -306,6 +308,22 @@ def make_service(
     control._raiseSynchronously = True
     control.setServiceParent(top)
     return top
+
+
+def bayes_trainer(cfg: configuration.Config, reactor: Any) -> Callable[[bytes, bool], Deferred[Any]] | None:
+    """Training from the quarantine, when a chain uses the Bayes classifier."""
+    chained = {
+        name for direction in ("inbound", "outbound", "fetched") for name in getattr(cfg.filters, direction)
+    }
+    kinds = {cfg.filters.options.get(name, {}).get("filter", name) for name in chained}
+    if "bayes" not in kinds:
+        return None
+    from gateway.bayes.cli import subject_prefix
+    from gateway.bayes.store import open_token_store
+    from gateway.bayes.training import Trainer
+
+    trainer = Trainer(open_token_store(cfg, reactor), subject_prefix=subject_prefix(cfg))
+    return trainer.train
 
 
 class SpoolRecovery(Service):
