@@ -42,7 +42,7 @@ def test_punctuation_around_words_is_trimmed_but_money_keeps_its_sign() -> None:
 
 
 def test_full_width_latin_is_the_same_word_as_ascii() -> None:
-    assert text_tokens("ＦＲＥＥ Ｖｉａｇｒａ") == {"free", "viagra"}
+    assert text_tokens("ＦＲＥＥ Ｖｉａｇｒａ") == {"free", "viagra"}  # noqa: RUF001 (full-width on purpose)
 
 
 # --- Chinese and Japanese ----------------------------------------------------------
@@ -57,7 +57,7 @@ def test_a_lone_chinese_character_is_a_token_of_its_own() -> None:
 
 
 def test_chinese_punctuation_and_latin_split_the_runs() -> None:
-    tokens = text_tokens("代开发票，联系QQ12345678。优惠")
+    tokens = text_tokens("代开发票，联系QQ12345678。优惠")  # noqa: RUF001 (a Chinese comma)
     assert {"代开", "开发", "发票", "联系", "优惠", "qq12345678"} == tokens
     assert "票联" not in tokens  # the comma ends a run
 
