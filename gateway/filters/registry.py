@@ -40,6 +40,7 @@ BUILTIN: dict[str, str] = {
     "quota": "gateway.filters.quota:Quota",
     "auto-whitelist": "gateway.filters.auto_whitelist:AutoWhitelist",
     "attachments": "gateway.filters.attachments:Attachments",
+    "bayes": "gateway.filters.bayes:Bayes",
     "clamav": "gateway.filters.clamav:ClamAV",
     "spamassassin": "gateway.filters.spamassassin:SpamAssassin",
     "rules": "gateway.filters.rules:Rules",
