@@ -64,33 +64,33 @@ def _defect_name(defect: object) -> str:
 
 
 def split_multipart(
-    raw: bytes, start: int, end: int, boundary: str
+    raw: bytes, start: int, end: int, boundary: str, most: int
 ) -> tuple[list[tuple[int, int]], list[str]]:
-    """The parts of a multipart body as (start, end) offsets, and what was wrong with it."""
-    try:
-        separator = b"--" + boundary.encode("ascii", "surrogateescape")
-    except UnicodeEncodeError:
-        separator = b"--" + boundary.encode("utf-8", "surrogateescape")
-    # A delimiter line starts a line (the lookbehind sees the byte before `start`, which
-    # is the newline ending the header) and may carry transport padding.
-    delimiter = re.compile(rb"(?<![^\n])" + re.escape(separator) + rb"(--)?[ \t]*(?:\r?\n|\Z)")
+    """The first `most` parts of a multipart body as (start, end) offsets, and what was wrong.
+
+    The search for the boundary starts with the literal separator, which the regular
+    expression engine finds fast; that it begins a line is checked on each hit.
+    """
+    separator = b"--" + boundary.encode("utf-8", "surrogateescape")
+    delimiter = re.compile(re.escape(separator) + rb"(--)?[ \t]*(?:\r?\n|\Z)")
     parts: list[tuple[int, int]] = []
     defects: list[str] = []
     part_start: int | None = None
-    closed = False
     for match in delimiter.finditer(raw, start, end):
+        # A delimiter starts a line (the byte before a body's start ends the header).
+        if match.start() > 0 and raw[match.start() - 1] != 0x0A:
+            continue
         if part_start is not None:
             parts.append((part_start, _before_newline(raw, part_start, match.start())))
+            if len(parts) >= most:
+                return parts, defects
         if match.group(1):
-            closed = True
-            break
+            return parts, defects if part_start is not None else ["multipart without its boundary"]
         part_start = match.end()
-    if part_start is None and not closed:
+    if part_start is None:
         return [], ["multipart without its boundary"]
-    if not closed:
-        defects.append("multipart without its closing boundary")
-        if part_start is not None:
-            parts.append((part_start, end))
+    defects.append("multipart without its closing boundary")
+    parts.append((part_start, end))
     return parts, defects
 
 

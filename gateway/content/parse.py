@@ -112,7 +112,9 @@ class _Walk:
         if not self.deeper(pending):
             return True
         buffer, start, end = body
-        parts, problems = split_multipart(buffer, start, end, boundary)
+        parts, problems = split_multipart(
+            buffer, start, end, boundary, self.limits.max_parts - self.parts + 1
+        )
         self.defect(*problems)
         if not parts:
             return False
