@@ -21,13 +21,14 @@ from typing import NamedTuple
 from gateway.content import Attachment, ContentLimits, ParsedMessage
 from gateway.content._charset import decode_text, decode_words
 from gateway.content._html import html_text
-from gateway.content._mime import decode_body, read_entity, split_multipart
+from gateway.content._mime import MAX_HEADER, decode_body, read_entity, split_multipart
 from gateway.content._sniff import sniff_type
 
 __all__ = ["parse_message"]
 
 _MESSAGES = frozenset({"message/rfc822", "message/global", "message/news"})
 _MAX_DEFECTS = 100
+_MAX_HEADERS_TOTAL = 8 * MAX_HEADER  # header bytes of all the parts together (see _mime)
 _UNFOLD = re.compile(r"\r?\n(?=[ \t])")
 _FOLD_SPACE = re.compile(r"\s+")
 
@@ -56,6 +57,7 @@ class _Walk:
         self.html = False
         self.parts = 0
         self.alternatives = 0
+        self.header_bytes = 0
 
     def defect(self, *problems: str) -> None:
         for problem in problems:
@@ -71,6 +73,9 @@ class _Walk:
             if self.parts >= self.limits.max_parts:
                 self.limit(f"more than {self.limits.max_parts} MIME parts: the rest not read")
                 return
+            if self.header_bytes > _MAX_HEADERS_TOTAL:
+                self.limit(f"more than {_MAX_HEADERS_TOTAL} bytes of part headers: the rest not read")
+                return
             self.parts += 1
             pending = self.stack.pop()
             try:
@@ -82,6 +87,8 @@ class _Walk:
         entity = read_entity(pending.buffer, pending.start, pending.end)
         header = entity.header
         self.defect(*entity.defects)
+        self.truncated = self.truncated or entity.truncated
+        self.header_bytes += entity.body_start - pending.start
         if pending.depth == 0:
             self.headers = _decoded_headers(header, self)
         header.set_default_type(pending.default_type)
