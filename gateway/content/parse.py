@@ -86,6 +86,7 @@ class _Walk:
     def read(self, pending: _Pending) -> None:
         entity = read_entity(pending.buffer, pending.start, pending.end)
         header = entity.header
+        _unescape_mime_fields(header)
         self.defect(*entity.defects)
         self.truncated = self.truncated or entity.truncated
         self.header_bytes += entity.body_start - pending.start
@@ -244,9 +245,26 @@ def _looks_like_html(text: str) -> bool:
     return head.startswith(("<!doctype html", "<html"))
 
 
+def _has_raw_8bit(value: str) -> bool:
+    return any("\udc80" <= char <= "\udcff" for char in value)
+
+
+def _unescape_mime_fields(header: Message) -> None:
+    """Raw 8-bit names in Content-Type/-Disposition made text before their parameters are read.
+
+    (compat32 would give the parameter parser U+FFFD for each such byte.)
+    """
+    for field in ("content-type", "content-disposition"):
+        for name, value in header.raw_items():
+            if name.lower() == field and isinstance(value, str) and _has_raw_8bit(value):
+                text, _problems = decode_text(value.encode("ascii", "surrogateescape"), None)
+                header.replace_header(field, text)
+                break
+
+
 def _decoded_headers(header: Message, walk: _Walk) -> tuple[tuple[str, str], ...]:
     decoded: list[tuple[str, str]] = []
-    for name, value in header.items():
+    for name, value in header.raw_items():
         text, problems = decode_words(_UNFOLD.sub("", str(value)))
         walk.defect(*problems)
         decoded.append((name, text.strip()))
