@@ -107,7 +107,9 @@ def inspect_message(parsed: ParsedMessage, policy: Policy) -> list[Finding]:
     """Every finding about a message's attachments (pure: runs in the filter's threads)."""
     findings = _Findings(policy)
     if parsed.truncated:
-        findings.add("truncated", "(message)", "too big to be inspected whole")
+        findings.add(
+            "truncated", "(message)", "not inspected whole (over a [content] limit: size, parts or depth)"
+        )
     for number, attachment in enumerate(parsed.attachments, 1):
         _attachment(findings, number, attachment)
     return findings.found

@@ -216,7 +216,8 @@ def test_oversize_attachments_and_truncated_messages() -> None:
     )
     assert check(("a.txt", b"x" * 10), policy=policy).action is Action.CONTINUE
     assert check(truncated=True) == Verdict(
-        Action.QUARANTINE, "attachment held: (message): too big to be inspected whole"
+        Action.QUARANTINE,
+        "attachment held: (message): not inspected whole (over a [content] limit: size, parts or depth)",
     )
 
 
