@@ -187,6 +187,8 @@ def print_filter_counters(counters: dict[str, Any]) -> None:
             f"filter {name}: {calls} checks{'; ' + said if said else ''};"
             f" {numbers['failures']} failed ({numbers['timeouts']} timed out); {average:.2f} ms on average"
         )
+        for key, count in sorted(numbers.get("details", {}).items(), key=lambda item: (-item[1], item[0])):
+            print(f"    {key}: {count}")
 
 
 def passwd(user: str) -> None:

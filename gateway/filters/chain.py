@@ -112,6 +112,9 @@ def add_counters(total: dict[str, dict[str, Any]], more: dict[str, dict[str, Any
             into[key] += counters.get(key, 0)
         for action, number in counters.get("actions", {}).items():
             into["actions"][action] = into["actions"].get(action, 0) + number
+        for key, number in counters.get("details", {}).items():
+            details = into.setdefault("details", {})
+            details[key] = details.get(key, 0) + number
 
 
 class ChainRunner:
@@ -155,8 +158,18 @@ class ChainRunner:
         return walk.go()
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
-        """The counters as plain values (for the control socket and the workers' reports)."""
-        return {name: attrs.asdict(counters) for name, counters in self.counters.items()}
+        """The counters as plain values (for the control socket and the workers' reports).
+
+        A filter with a ``details()`` method (counts of its own, like clamav's
+        viruses by name) has them added under "details".
+        """
+        snapshot = {name: attrs.asdict(counters) for name, counters in self.counters.items()}
+        for links in self.chains.values():
+            for link in links:
+                details = getattr(link.filter, "details", None)
+                if details is not None and link.name in snapshot:
+                    snapshot[link.name]["details"] = dict(details())
+        return snapshot
 
     def count(self, link: Link, verdict: Verdict, elapsed: float, *, failed: bool, timed_out: bool) -> None:
         counters = self.counters.setdefault(link.name, FilterCounters())

@@ -104,6 +104,11 @@ class ClamAV:
         self.notify = notify
         self.max_size = max_size
         self.too_large = too_large
+        self.viruses: dict[str, int] = {}  # found since start, by name: `mailgatectl status` shows them
+
+    def details(self) -> dict[str, int]:
+        """Counts for `mailgatectl status` beside the chain's own (viruses by name, since start)."""
+        return dict(self.viruses)
 
     @classmethod
     def from_config(cls, options: Section, services: FilterServices) -> ClamAV:
@@ -222,6 +227,7 @@ class ClamAV:
 
     def _count(self, virus: str) -> None:
         """Virus statistics by name; a store that fails is logged, the verdict stands."""
+        self.viruses[virus] = self.viruses.get(virus, 0) + 1
         if self._store is None:
             return
         try:

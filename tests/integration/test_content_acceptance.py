@@ -224,6 +224,9 @@ def test_bad_mail_is_quarantined_as_configured_and_a_release_delivers_and_trains
         for name, needle in expected.items():
             assert any(needle.lower() in row.lower() for row in rows), f"{name}: {needle!r} not in {rows}"
 
+        # virus statistics by name (the SMTP worker reports its counts every 5 s)
+        wait_until(lambda: "Eicar-Test-Signature.UNOFFICIAL: 1" in gateway.ctl("status").stdout)
+
         mailbox_dir = os.path.join(directory, "mail", "example.com", "bob")
         # the clean message and the hostile ones the parse could read whole
         wait_until(lambda: len(maildir_messages(mailbox_dir)) == len(HOSTILE))

@@ -170,6 +170,19 @@ def test_counters_of_several_processes_add_up() -> None:
     assert (total["block"]["failures"], total["block"]["timeouts"]) == (1, 1)
 
 
+def test_a_filters_own_details_are_reported_and_add_up() -> None:
+    from gateway.filters.chain import add_counters
+
+    scanner = StaticFilter("clamav", {Stage.RCPT: Verdict.reject("virus")})
+    scanner.details = lambda: {"Eicar-Test-Signature": 2}  # type: ignore[attr-defined]
+    runner = ChainRunner({Direction.INBOUND: (Link(scanner),)}, Clock())
+    runner.run(request())
+    total: dict[str, Any] = {}
+    add_counters(total, runner.snapshot())
+    add_counters(total, {"clamav": {"calls": 1, "details": {"Eicar-Test-Signature": 1, "Other": 1}}})
+    assert total["clamav"]["details"] == {"Eicar-Test-Signature": 3, "Other": 1}
+
+
 def test_a_workers_counter_line_is_kept_and_queue_ids_still_go_to_the_queue() -> None:
     from gateway.smtp.workers import SmtpWorkers, WorkerLink
 
