@@ -43,12 +43,14 @@ def html_text(markup: str) -> tuple[str, tuple[str, ...]]:
     while position < length:
         opening = markup.find("<", position)
         if opening < 0:
-            chunks.append(html.unescape(markup[position:]))
+            chunks.append(markup[position:])
             break
         if opening > position:
-            chunks.append(html.unescape(markup[position:opening]))
+            chunks.append(markup[position:opening])
         position = _markup(markup, opening, chunks)
-    text = _SPACES.sub(" ", "".join(chunks))
+    # Entities decoded once, in the joined text (an entity is never split by a tag in
+    # practice, and "<" that starts no tag is kept as "<", which unescape leaves alone).
+    text = _SPACES.sub(" ", html.unescape("".join(chunks)))
     return _LINES.sub("\n", text).strip(), ()
 
 

@@ -24,8 +24,10 @@ __all__ = ["Entity", "decode_base64", "decode_body", "read_entity", "split_multi
 # line that is neither (normally the empty line, which is consumed).
 _HEADER_BLOCK = re.compile(rb"(?:From [^\n]*\n)?(?:[!-9;-~]+[ \t]*:[^\n]*(?:\n|\Z)|[ \t][^\n]*(?:\n|\Z))*")
 _BLANK_LINE = re.compile(rb"\r?\n")
-_BASE64_JUNK = re.compile(rb"[^A-Za-z0-9+/]")
-_BASE64_SPACE = re.compile(rb"[\s=]")
+_BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+_NOT_BASE64 = bytes(byte for byte in range(256) if byte not in _BASE64_ALPHABET)
+_BASE64_IGNORABLE = _BASE64_ALPHABET + b"= \t\r\n"  # anything else makes the data broken
+_BASE64_PADDING = re.compile(rb"=[= \t\r\n]*")
 
 _HEADERS = BytesHeaderParser(policy=compat32)
 # Bounds on what the stdlib's header code is given: its line handling costs about
@@ -121,21 +123,30 @@ def _before_newline(raw: bytes, start: int, end: int) -> int:
 
 
 def decode_base64(data: bytes) -> tuple[bytes, bool]:
-    """Lenient base64: junk skipped, padding repaired -> (bytes, whether it was broken)."""
-    clean = _BASE64_JUNK.sub(b"", data)
-    broken = len(clean) + len(_BASE64_SPACE.findall(data)) != len(data)
-    # Padding in the middle (concatenated encodings) or missing at the end is repaired
-    # by decoding the alphabet-only string in whole quanta.
-    extra = len(clean) % 4
-    if extra == 1:
-        clean = clean[:-1]
+    """Lenient base64: junk skipped, padding repaired -> (bytes, whether it was broken).
+
+    Padding inside the data (encodings pasted together) starts a new encoding rather
+    than ending the content, so nothing can be hidden after it.
+    """
+    broken = bool(data.translate(None, _BASE64_IGNORABLE))
+    if b"=" not in data.rstrip(b"= \t\r\n"):
+        try:
+            return binascii.a2b_base64(data), broken
+        except binascii.Error:
+            pass
+    else:
         broken = True
-    elif extra:
-        clean += b"=" * (4 - extra)
-    try:
-        return binascii.a2b_base64(clean), broken
-    except binascii.Error:  # cannot happen after the repair above; kept for safety
-        return b"", True
+    decoded = [_base64_quanta(segment) for segment in _BASE64_PADDING.split(data)]
+    return b"".join(chunk for chunk, _short in decoded), broken or any(short for _chunk, short in decoded)
+
+
+def _base64_quanta(segment: bytes) -> tuple[bytes, bool]:
+    """One encoding's alphabet characters decoded, a missing pad added -> (bytes, cut short)."""
+    clean = segment.translate(None, _NOT_BASE64)
+    extra = len(clean) % 4
+    if extra == 1:  # a lone character holds no whole byte
+        return binascii.a2b_base64(clean[:-1]), True
+    return binascii.a2b_base64(clean + b"=" * (-len(clean) % 4)), extra != 0
 
 
 def decode_body(data: bytes, encoding: str) -> tuple[bytes, tuple[str, ...]]:

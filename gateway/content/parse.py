@@ -28,6 +28,7 @@ __all__ = ["parse_message"]
 
 _MESSAGES = frozenset({"message/rfc822", "message/global", "message/news"})
 _MAX_DEFECTS = 100
+_MAX_COMPARED = 8  # branches of an alternative compared with each other
 _MAX_HEADERS_TOTAL = 8 * MAX_HEADER  # header bytes of all the parts together (see _mime)
 _UNFOLD = re.compile(r"\r?\n(?=[ \t])")
 _FOLD_SPACE = re.compile(r"\s+")
@@ -226,6 +227,8 @@ def _distinct_branches(texts: list[tuple[tuple[int, int], str]]) -> list[str]:
     for (_number, index), text in texts:
         branches.setdefault(index, []).append(text)
     joined = {index: "\n\n".join(parts) for index, parts in branches.items()}
+    if len(joined) > _MAX_COMPARED:  # not a real alternative; comparing costs the square
+        return list(joined.values())
     folded = {index: _FOLD_SPACE.sub(" ", text).strip().lower() for index, text in joined.items()}
     kept: list[str] = []
     for index, text in joined.items():
