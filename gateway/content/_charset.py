@@ -71,6 +71,7 @@ _NOT_CHARSETS = frozenset(
     {"idna", "punycode", "unicode_escape", "raw_unicode_escape", "undefined", "mbcs", "oem"}
 )
 
+_UTF8_EVIDENCE = 3  # non-ASCII characters that make valid UTF-8 win over a declared charset
 _SAMPLE = 16384  # characters scored when guessing
 _PUNCTUATION = re.compile("[\u3000-\u303f\uff01-\uff5e]")  # CJK and full-width punctuation
 
@@ -99,6 +100,13 @@ def decode_text(raw: bytes, charset: str | None) -> tuple[str, tuple[str, ...]]:
     tried = _codecs_for(label)
     if tried is None:
         return _guess(raw), (f"unknown charset {label[:40]!r}",)
+    if tried[0] != "utf-8":
+        # UTF-8 labelled as the sender's old local charset (common with gb2312): valid
+        # UTF-8 with a few multi-byte characters is almost never anything else.
+        with contextlib.suppress(UnicodeDecodeError):
+            text = raw.decode("utf-8")
+            if sum(1 for char in text[:64] if char > "\x7f") >= _UTF8_EVIDENCE:
+                return text, (f"utf-8 text labelled {label[:40]!r}",)
     for codec in tried:
         try:
             return raw.decode(codec), ()

@@ -100,6 +100,17 @@ def test_undeclared_8bit_text_is_guessed(text: str, codec: str) -> None:
     assert text_part(text.encode(codec), None).text == text
 
 
+def test_utf8_labelled_gb2312_is_read_as_utf8() -> None:
+    parsed = text_part(CHINESE.encode(), "gb2312")
+    assert parsed.text == CHINESE
+    assert parsed.defects == ("utf-8 text labelled 'gb2312'",)
+
+
+def test_short_gb2312_text_that_happens_to_be_valid_utf8_stays_gb2312() -> None:
+    # 全 is C8 AB in GB2312, also a valid two-byte UTF-8 sequence: too little evidence.
+    assert text_part("全".encode("gb2312"), "gb2312").text == "全"
+
+
 def test_unknown_charset_is_guessed_and_counted() -> None:
     parsed = text_part(CHINESE.encode("gb2312"), "x-no-such-charset")
     assert parsed.text == CHINESE
@@ -299,6 +310,15 @@ def test_empty_plain_alternative_gives_the_html() -> None:
 
 
 # Malformed MIME: read as far as it goes, counted
+
+
+def test_base64_padding_smuggling_does_not_hide_the_rest() -> None:
+    # Decoders that stop at the first "=" would show a scanner only the harmless start.
+    encoded = base64.b64encode(b"Hi") + b"\r\n" + base64.b64encode(b" buy cheap pills now")
+    raw = message("Content-Type: text/plain", "Content-Transfer-Encoding: base64", body=encoded)
+    parsed = parse_message(raw)
+    assert parsed.text == "Hi buy cheap pills now"
+    assert parsed.defects == ("broken base64",)
 
 
 def test_broken_base64_is_decoded_as_far_as_it_goes() -> None:
