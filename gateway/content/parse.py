@@ -187,6 +187,8 @@ class _Walk:
         label = charset if isinstance(charset, str) else None
         # Bytes beyond what can become max_text characters are not decoded (4: UTF-8's widest).
         budget = 4 * (2 * self.limits.max_text - self.text_chars + 1)
+        if len(payload) > budget:
+            self.limit(f"more than {self.limits.max_text} characters of text: the rest not read")
         text, problems = decode_text(payload[:budget], label)
         self.defect(*problems)
         if content_type == "text/html" or (content_type != "text/plain" and _looks_like_html(text)):
