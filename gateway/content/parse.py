@@ -289,7 +289,8 @@ def _filename(header: Message) -> tuple[str | None, tuple[str, ...]]:
         name, problems = decode_text(raw, str(charset) if charset else None)
     else:
         name, problems = decode_words(str(value))
-    # Path separators and control characters are not part of a name the recipient sees.
+    # The name as sent (a filter judging "..\\evil.exe" wants to see it), less NUL bytes,
+    # which would cut it short in C code further on (clamd, archive tools).
     name = name.replace("\x00", "").strip()
     return name, problems
 
