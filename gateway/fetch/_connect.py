@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -126,6 +127,13 @@ def tls_detail(reason: Failure | BaseException | None) -> str:
     error = reason.value if isinstance(reason, Failure) else reason
     if error is None:
         return "connection closed during the TLS handshake"
+    if isinstance(error, VerificationError):
+        names = []
+        for mismatch in error.errors:
+            identity = getattr(mismatch, "mismatched_id", None)
+            value = getattr(identity, "hostname", None) or getattr(identity, "ip", None) or identity
+            names.append(value.decode("ascii", "replace") if isinstance(value, bytes) else str(value))
+        return f"the server's certificate is not valid for {', '.join(names)}"
     if isinstance(error, SSL.Error) and error.args and isinstance(error.args[0], list):
         parts = [str(entry[2]) for entry in error.args[0] if isinstance(entry, tuple) and len(entry) == 3]
         if parts:
