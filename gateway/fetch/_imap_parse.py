@@ -247,7 +247,7 @@ def parse_response(lines: list[bytes], literals: list[bytes | Streamed]) -> Resp
         return _status(tag_text, keyword, after)
     if tag != b"*":
         raise ProtocolViolation(f"a tagged response that is not OK, NO or BAD: {_show(first)}")
-    values = _values(lines, literals)
+    values = _values([rest, *lines[1:]], literals)
     if not values or not isinstance(values[0], str):
         raise ProtocolViolation(f"an untagged response without a name: {_show(first)}")
     if _is_number(values[0]):
