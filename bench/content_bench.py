@@ -196,6 +196,11 @@ def cpu_usage(
     if clamd is not None:
         cpu["clamd"] = tree_cpu(before, after, clamd.pid)
     cpu.update({key: usage[key] for key in ("cpu_busy_pct", "steal_pct", "foreign_cpu_pct")})
+    # busy time neither ours nor in a foreign process seen by both snapshots: the kernel's
+    # softirq work, and short-lived processes of other sessions (their tests) that came and went
+    ours = sum(value for key, value in cpu.items() if not key.endswith("_pct"))
+    busy = NCPU * (usage["cpu_busy_pct"] - usage["foreign_cpu_pct"])
+    cpu["unattributed_pct"] = round(max(busy - ours, 0.0) / NCPU, 1)
     return cpu
 
 
@@ -293,7 +298,8 @@ def show(rep: int, result: dict[str, Any]) -> None:
     )
     print(
         f"      cpu, % of one core (ms per message): {processes}"
-        f"  busy={cpu['cpu_busy_pct']}% steal={cpu['steal_pct']}% foreign={cpu['foreign_cpu_pct']}%",
+        f"  busy={cpu['cpu_busy_pct']}% steal={cpu['steal_pct']}% foreign={cpu['foreign_cpu_pct']}%"
+        f" unattributed={cpu['unattributed_pct']}%",
         flush=True,
     )
 
