@@ -59,7 +59,7 @@ from gateway.fetch import (
 from gateway.fetch._connect import client_tls_options, connect, describe
 from gateway.fetch._pop3_wire import Pop3Wire, Response
 
-__all__ = ["AUTH_MODES", "Pop3Session", "connect_pop3"]
+__all__ = ["AUTH_MODES", "Pop3Session", "connect_pop3", "start_session"]
 
 AUTH_MODES = ("auto", "user", "apop")
 
@@ -83,21 +83,30 @@ def connect_pop3(account: MailboxAccount, reactor: IReactorTime) -> Deferred[Pop
 
 
 async def _open(account: MailboxAccount, reactor: IReactorTime) -> Pop3Session:
-    if account.auth not in AUTH_MODES:
-        raise FetchError(f"POP3 login {account.auth!r} unknown (one of {', '.join(AUTH_MODES)})")
     peer = describe(account)
     wire = await connect(
         account,
         reactor,
         lambda: Pop3Wire(reactor, peer, account.timeout, implicit_tls=account.tls == "implicit"),
     )
-    session = Pop3Session(account, wire)
-    try:
-        await session._login()
-    except BaseException:
-        wire.abort()
-        raise
-    return session
+    return await start_session(account, wire)
+
+
+def start_session(account: MailboxAccount, wire: Pop3Wire) -> Deferred[Pop3Session]:
+    """Log in on a connected `Pop3Wire` (greeting onwards); the connection is dropped if that fails."""
+
+    async def login() -> Pop3Session:
+        session = Pop3Session(account, wire)
+        try:
+            if account.auth not in AUTH_MODES:
+                raise FetchError(f"POP3 login {account.auth!r} unknown (one of {', '.join(AUTH_MODES)})")
+            await session._login()
+        except Exception:  # not GeneratorExit: a login dropped unfinished is collected quietly
+            wire.abort()
+            raise
+        return session
+
+    return Deferred.fromCoroutine(login())
 
 
 def _all(requests: list[Deferred[T]]) -> Deferred[list[T]]:
@@ -321,12 +330,15 @@ class Pop3Session:
 
     async def _header_uids(self, sizes: dict[int, int]) -> dict[int, str]:
         headers: dict[int, list[bytes]] = {number: [] for number in sizes}
-        requests = [
-            self.top(RemoteMessage(uid="", size=size, number=number), 0, headers[number].append)
-            for number, size in sizes.items()
-        ]
+        listed = list(sizes.items())
+
+        def top(number: int, size: int) -> Deferred[int]:
+            return self.top(RemoteMessage(uid="", size=size, number=number), 0, headers[number].append)
+
         try:
-            await _all(requests)
+            if listed:  # a server without TOP is asked once, not once per message
+                await top(*listed[0])
+            await _all([top(number, size) for number, size in listed[1:]])
         except FetchError as error:
             if isinstance(error, ProtocolViolation) or self.wire.closed:
                 raise
