@@ -69,7 +69,14 @@ from gateway.fetch._imap_parse import (
     sequence_set,
 )
 
-__all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "IDLE_RENEWAL", "ImapProtocol", "ImapSession", "connect_imap"]
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "IDLE_RENEWAL",
+    "ImapProtocol",
+    "ImapSession",
+    "connect_imap",
+    "start_session",
+]
 
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 IDLE_RENEWAL = 29 * 60.0  # RFC 2177: servers may drop an IDLE after 30 minutes
@@ -462,13 +469,28 @@ def connect_imap(
 
     async def open_session() -> ImapSession:
         protocol = await connect(account, reactor, build)
-        try:
-            return await _open(protocol, account, reactor)
-        except BaseException:
-            protocol.fail(FetchError(f"{peer}: session abandoned"))
-            raise
+        return await start_session(protocol, account, reactor)
 
     return Deferred.fromCoroutine(open_session())
+
+
+def start_session(
+    protocol: ImapProtocol, account: MailboxAccount, clock: IReactorTime
+) -> Deferred[ImapSession]:
+    """On a connected protocol: greeting, STARTTLS if the account says so, login, SELECT.
+
+    If any step fails the connection is dropped (the failure says why).
+    """
+
+    async def opening() -> ImapSession:
+        try:
+            return await _open(protocol, account, clock)
+        except Exception as error:  # (not GeneratorExit: a collected coroutine has nothing to drop)
+            reason = error if isinstance(error, FetchError) else FetchError(f"{protocol.peer}: {error}")
+            protocol.fail(reason)
+            raise
+
+    return Deferred.fromCoroutine(opening())
 
 
 async def _open(protocol: ImapProtocol, account: MailboxAccount, clock: IReactorTime) -> ImapSession:
