@@ -264,7 +264,8 @@ def make_service(
         smtp_factory_maker(cfg, reception, reactor)
         # the workers count sessions per client in this process's anvil ("limits"):
         # its socket is bound before they start (the children start in order)
-        AnvilServer(anvil_socket_path(cfg), process_anvil(reactor), reactor).setServiceParent(top)
+        if cfg.smtp.workers > 1:  # one worker keeps its own (gateway.filters.anvil.connect_anvil)
+            AnvilServer(anvil_socket_path(cfg), process_anvil(reactor), reactor).setServiceParent(top)
         workers = SmtpWorkers(
             cfg.smtp.workers, config_path, [lst.endpoint for lst in cfg.smtp.listeners], manager.wake, reactor
         )

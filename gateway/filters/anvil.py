@@ -485,8 +485,11 @@ def process_anvil(reactor: Any) -> Anvil:
 
 
 def connect_anvil(config: Any, reactor: Any) -> Anvil | AnvilClient:
-    """The anvil for this process's filters: in a worker (``MAILGATE_WORKER`` set) a
-    client of the main process's, otherwise this process's own."""
-    if os.environ.get("MAILGATE_WORKER"):
+    """The anvil for this process's filters: in one of several workers (``MAILGATE_WORKER``
+    set) a client of the main process's, otherwise this process's own. A single worker
+    serves every session itself: its own table counts them all, with no round trip to
+    the main process per connection (the counts restart with the worker, as Postfix's
+    anvil's do with anvil)."""
+    if os.environ.get("MAILGATE_WORKER") and config.smtp.workers > 1:
         return AnvilClient(anvil_socket_path(config), reactor)
     return process_anvil(reactor)

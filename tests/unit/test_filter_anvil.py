@@ -454,12 +454,27 @@ class Config:
     class gateway:
         state_dir = "/var/lib/mailgate"
 
+    class smtp:
+        workers = 2
 
-def test_a_worker_gets_a_client_of_the_main_process(monkeypatch: pytest.MonkeyPatch) -> None:
+
+class OneWorker(Config):
+    class smtp:
+        workers = 1
+
+
+def test_one_of_several_workers_gets_a_client_of_the_main_process(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MAILGATE_WORKER", "2")
     anvil = connect_anvil(Config(), Clock())
     assert isinstance(anvil, AnvilClient)
     assert anvil.path == "/var/lib/mailgate/anvil.sock"
+
+
+def test_a_single_worker_counts_its_sessions_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAILGATE_WORKER", "1")
+    monkeypatch.setattr(anvil_module, "_process_anvil", None)
+    clock = Clock()
+    assert connect_anvil(OneWorker(), clock) is process_anvil(clock)
 
 
 def test_the_main_process_gets_its_own_anvil_once(monkeypatch: pytest.MonkeyPatch) -> None:
