@@ -16,6 +16,7 @@ whose positive answer must be the last thing the server sends in plain text
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -23,7 +24,7 @@ from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectionDone, ConnectionLost, DNSLookupError
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
@@ -89,7 +90,15 @@ def endpoint(account: MailboxAccount, reactor: object) -> IStreamClientEndpoint:
         raise FetchError(
             f"{describe(account)}: unknown TLS mode {account.tls!r} (one of {', '.join(TLS_MODES)})"
         )
-    tcp = HostnameEndpoint(reactor, account.host, account.port, timeout=max(1, int(account.timeout)))
+    timeout = max(1, int(account.timeout))
+    tcp: IStreamClientEndpoint
+    try:
+        address = ipaddress.ip_address(account.host)
+    except ValueError:  # a name: resolved, every address tried (happy eyeballs)
+        tcp = HostnameEndpoint(reactor, account.host, account.port, timeout=timeout)
+    else:  # an address: no resolver (nor its thread pool) involved
+        kind = TCP4ClientEndpoint if address.version == 4 else TCP6ClientEndpoint
+        tcp = kind(reactor, str(address), account.port, timeout=timeout)
     if account.tls == "implicit":
         return wrapClientTLS(client_tls_options(account), tcp)
     return tcp
