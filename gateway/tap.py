@@ -311,6 +311,22 @@ def make_service(
     return top
 
 
+def quarantine_trainer(cfg: configuration.Config, reactor: Any, reception: Reception) -> Any:
+    """What quarantine train-spam/train-ham teach: Bayes (required), spamd's TELL (best effort)."""
+    from gateway.filters.spamassassin import SpamAssassin
+    from gateway.quarantine.training import QuarantineTrainer, spamd_learner
+
+    bayes = bayes_trainer(cfg, reactor)
+    if bayes is None:
+        return None  # "no Bayes classifier to train"
+    spamd = [
+        (f"spamassassin ({f.name})", spamd_learner(f.client))
+        for f in reception.runner.all_filters()
+        if isinstance(f, SpamAssassin)
+    ]
+    return QuarantineTrainer([bayes], spamd)
+
+
 def bayes_trainer(cfg: configuration.Config, reactor: Any) -> Callable[[bytes, bool], Deferred[Any]] | None:
     """Training from the quarantine, when a chain uses the Bayes classifier."""
     chained = {
