@@ -96,6 +96,9 @@ class Session:
     # protocol misbehaviour seen by the server, for the "protocol" filter
     pregreet: bool = False  # the client talked before our banner
     improper_pipelining: bool = False  # commands sent ahead without PIPELINING
+    # set for mail the gateway fetched (POP3/IMAP): "pop3 sales@pop.example.net"; it runs
+    # the "fetched" chain, and what a filter refuses cannot be refused to anyone
+    fetched_from: str | None = None
 
 
 class RecipientStatus(enum.Enum):

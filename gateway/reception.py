@@ -54,6 +54,8 @@ _NO_FILTERS = ChainRunner({}, None)  # type: ignore[arg-type]
 
 
 def direction_of(session: Session) -> Direction:
+    if session.fetched_from is not None:
+        return Direction.FETCHED
     if session.role is Role.SUBMISSION or session.may_relay:
         return Direction.OUTBOUND
     return Direction.INBOUND
@@ -87,17 +89,22 @@ class Reception:
         headers: bool = True,
         content: Callable[[IIncomingMessage], MessageContent] | None = None,
         keep_rejected: bool = False,
+        fetched_refusal: str = "quarantine",
     ) -> None:
         """`content` makes the DATA stage's view of a message (parsed off the reactor
         by `gateway.content.ContentReader` in the gateway; in the caller's thread by
         default). `keep_rejected`: a message refused at its end is kept in the
-        quarantine (kind "rejected") for false-positive review."""
+        quarantine (kind "rejected") for false-positive review. `fetched_refusal`:
+        what a refusal (5xx) of fetched mail becomes, since nobody can be refused:
+        "quarantine", "tag" (delivered with an X-Mailgate-Refused header) or
+        "delete" (logged); the poller is told 250 for all three."""
         self.spool = spool
         self.relay = relay
         self.runner = runner or _NO_FILTERS
         self.headers = headers
         self.content = content or _content_here
         self.keep_rejected = keep_rejected
+        self.fetched_refusal = fetched_refusal
         filters = list(self.runner.all_filters())
         self.auth_guards = [f for f in filters if IAuthGuard.providedBy(f)]
         # told about the messages of their own chain only
@@ -317,6 +324,8 @@ class SessionChecks:
         def decided(outcome: Outcome) -> Deferred[Reply] | Reply:
             self._record(outcome, self.transaction, request)
             reply = refusal(outcome, Stage.DATA)
+            if reply is not None and reply.code >= 500 and request.direction is Direction.FETCHED:
+                return self._fetched_refused(request, envelope, message, outcome)
             if reply is not None:
                 self._tell_refused(request)
                 if reply.code >= 500 and self.reception.keep_rejected:
@@ -420,6 +429,31 @@ class SessionChecks:
             return Reply(451, "4.3.0", "Temporary failure: cannot queue the message, try again")
 
         return committed.addCallbacks(queued, failed)
+
+    def _fetched_refused(
+        self, request: Request, envelope: Envelope, message: IIncomingMessage, outcome: Outcome
+    ) -> Deferred[Reply] | Reply:
+        """Fetched mail a filter refused: quarantined, tagged or deleted, as configured."""
+        reason = outcome.verdict.reason or outcome.decided_by or "refused"
+        policy = self.reception.fetched_refusal
+        if policy == "delete":
+            self._tell_refused(request)
+            message.abort()
+            log.info(
+                "{queue_id}: fetched message deleted ({source}): {reason}",
+                queue_id=message.queue_id,
+                source=request.session.fetched_from,
+                reason=reason,
+            )
+            return Reply(250, "2.0.0", f"Ok: deleted {message.queue_id}")
+        if policy == "quarantine":
+            self.transaction.hold = self.transaction.hold or f"refused: {reason}"
+        else:
+            message.add_headers(_header_lines([f"X-Mailgate-Refused: {reason}"]))
+        added = self._data_headers(outcome)
+        if added:
+            message.add_headers(added)
+        return self._queue(request, envelope, message)
 
     def _keep_rejected(
         self, request: Request, envelope: Envelope, message: IIncomingMessage, outcome: Outcome, reply: Reply

@@ -58,6 +58,7 @@ def session_fields(session: Session) -> dict[str, Any]:
         "tls": session.tls,
         "tls_cipher": session.tls_cipher,
         "authenticated_user": session.authenticated_user,
+        **({"fetched_from": session.fetched_from} if session.fetched_from is not None else {}),
     }
 
 

@@ -102,3 +102,47 @@ def test_headers_on_a_copy_or_a_quarantine_are_kept_on_the_message() -> None:
     assert message.state == "hold"
     assert [r.recipient.address for r in message.recipients] == ["bob@example.com", "audit@example.com"]
     assert b"X-Rule: audit\r\n" in content and b"X-Bayes: 8\r\n" in content
+
+
+FETCHED = Session("192.0.2.99", fetched_from="pop3 sales@pop.example.net", may_relay=True)
+
+
+def fetched_driver(policy: str) -> tuple[Driver, Reception]:
+    gateway = Driver(
+        "[filters]\ninbound = []\n",
+        appended={
+            Direction.FETCHED: (StaticFilter("rules", {Stage.DATA: Verdict.reject("forbidden word")}),)
+        },
+    )
+    reception = Reception(gateway.spool, gateway.config.relay, gateway.runner, fetched_refusal=policy)
+    return gateway, reception
+
+
+def fetch_one(reception: Reception) -> Reply:
+    checks = reception.open_session(FETCHED)
+    envelope = Envelope("alice@partner.test", (Recipient("sales@corp.example"),))
+    assert fired(checks.mail(FETCHED, envelope)) is None
+    assert fired(checks.rcpt(FETCHED, envelope, envelope.rcpt_to[0])) is None
+    message = checks.new_message(FETCHED)
+    message.write(b"Subject: offer\r\n\r\nbody\r\n")
+    return fired(checks.accept(FETCHED, envelope, message))
+
+
+def test_fetched_mail_runs_the_fetched_chain_and_a_refusal_becomes_quarantine_by_default() -> None:
+    gateway, reception = fetched_driver("quarantine")
+    assert fetch_one(reception).code == 250  # nobody to refuse: the poller is told it is done
+    [message] = gateway.spool.messages.values()
+    assert message.state == "hold"
+    assert message.quarantine is not None and message.quarantine.reason == "refused: forbidden word"
+    assert message.quarantine.direction == "fetched"
+
+
+def test_a_refusal_of_fetched_mail_can_tag_or_delete_it() -> None:
+    gateway, reception = fetched_driver("tag")
+    assert fetch_one(reception).code == 250
+    [message] = gateway.spool.messages.values()
+    assert message.state == "incoming"
+    assert b"X-Mailgate-Refused: forbidden word\r\n" in next(iter(gateway.spool.contents.values()))
+    gateway, reception = fetched_driver("delete")
+    assert fetch_one(reception).code == 250
+    assert gateway.spool.messages == {}
