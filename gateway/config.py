@@ -57,6 +57,7 @@ class SmtpConfig:
     soft_error_limit: int = 5  # errors after which every error reply waits error_delay
     error_delay: float = 1.0
     vrfy: bool = False
+    etrn: bool = True
     reject_bare_lf: bool = True
     auth_requires_tls: bool = True
     banner: str = "ESMTP MailGate"
@@ -469,6 +470,7 @@ def parse(text: str, source: str = "<config>", *, base_dir: str | None = None) -
         soft_error_limit=section.take("soft_error_limit", int, 5),
         error_delay=section.duration("error_delay", 1),
         vrfy=section.take("vrfy", bool, False),
+        etrn=section.take("etrn", bool, True),
         reject_bare_lf=section.take("reject_bare_lf", bool, True),
         auth_requires_tls=section.take("auth_requires_tls", bool, True),
         banner=section.take("banner", str, "ESMTP MailGate"),

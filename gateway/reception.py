@@ -105,6 +105,9 @@ class Reception:
         self.content = content or _content_here
         self.keep_rejected = keep_rejected
         self.fetched_refusal = fetched_refusal
+        # ETRN <domain>: flush the queue for it and fetch its mailboxes now (set by the
+        # process that can: the main process, or a worker passing it on); None: refused
+        self.etrn: Callable[[str], None] | None = None
         filters = list(self.runner.all_filters())
         self.auth_guards = [f for f in filters if IAuthGuard.providedBy(f)]
         # told about the messages of their own chain only
@@ -256,6 +259,21 @@ class SessionChecks:
                 into.redirect = verdict.target
             else:
                 into.redirects[recipient] = verdict.target
+
+    # --- ETRN ----------------------------------------------------------------------
+
+    def etrn(self, session: Session, domain: str) -> Reply:
+        """An internal server's ETRN <domain> (the SMTP server checked who may)."""
+        handler = self.reception.etrn
+        if handler is None:
+            return Reply(458, "4.3.0", f"Unable to queue messages for node {domain}")
+        try:
+            handler(domain)
+        except Exception:
+            log.failure("etrn: {domain} failed", domain=domain)
+            return Reply(458, "4.3.0", f"Unable to queue messages for node {domain}")
+        log.info("etrn: {domain} from [{peer}]", domain=domain, peer=session.peer_host)
+        return Reply(250, "2.0.0", f"Queuing for node {domain} started")
 
     # --- AUTH ----------------------------------------------------------------------
 

@@ -257,6 +257,16 @@ def make_service(
     transports.setServiceParent(top)
     manager.setServiceParent(top)
 
+    etrn_listeners: list[Callable[[str], object]] = []  # the fetchers' "poll now" (issue 5)
+
+    def etrn(domain: str) -> None:
+        """ETRN <domain>: its deferred mail now, and its fetch accounts polled."""
+        woken = manager.flush_domain(domain)
+        log.info("etrn: {domain}: {count} deferred message(s) to deliver now", domain=domain, count=woken)
+        for listener in etrn_listeners:
+            listener(domain)
+
+    reception.etrn = etrn
     workers = None
     if cfg.smtp.workers and cfg.smtp.listeners:
         # the listeners are served by worker processes; this one delivers. Check what
@@ -267,7 +277,12 @@ def make_service(
         if cfg.smtp.workers > 1:  # one worker keeps its own (gateway.filters.anvil.connect_anvil)
             AnvilServer(anvil_socket_path(cfg), process_anvil(reactor), reactor).setServiceParent(top)
         workers = SmtpWorkers(
-            cfg.smtp.workers, config_path, [lst.endpoint for lst in cfg.smtp.listeners], manager.wake, reactor
+            cfg.smtp.workers,
+            config_path,
+            [lst.endpoint for lst in cfg.smtp.listeners],
+            manager.wake,
+            reactor,
+            on_etrn=etrn,
         )
         workers.setServiceParent(top)
     else:

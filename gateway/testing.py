@@ -149,6 +149,8 @@ class RecordingReception:
     def open_session(self, session: Session, counts: Callable[[], dict[str, int]]) -> RecordingChecks:
         return RecordingChecks(self)
 
+    etrn_reply: Reply = Reply(250, "2.0.0", "Queuing started")
+
 
 class RecordingChecks:
     """A `RecordingReception`'s per-connection checks: MAIL, RCPT and DATA go to it."""
@@ -183,6 +185,10 @@ class RecordingChecks:
 
     def accept(self, session: Session, envelope: Envelope, message: IIncomingMessage) -> Deferred[Reply]:
         return self.reception.accept(session, envelope, message)
+
+    def etrn(self, session: Session, domain: str) -> Reply:
+        self.reception.calls.append(("etrn", domain))
+        return self.reception.etrn_reply
 
     def close(self) -> None:
         self.closed = True

@@ -347,6 +347,23 @@ class QueueManager(Service):
             self.wake(each)
         return len(ids)
 
+    def flush_domain(self, domain: str) -> int:
+        """ETRN: deliver now the deferred mail with a pending recipient in `domain` (or under it)."""
+        domain = domain.lower().rstrip(".")
+        woken = 0
+        for queue_id in list(self.spool.list("deferred")):
+            try:
+                message = self.spool.load(queue_id)
+            except (KeyError, OSError, ValueError):
+                continue
+            for state in message.pending():
+                at = state.recipient.address.rpartition("@")[2].lower().rstrip(".")
+                if at == domain or at.endswith("." + domain):
+                    self.wake(queue_id)
+                    woken += 1
+                    break
+        return woken
+
     def _forget(self, queue_id: str) -> None:
         if queue_id in self.waiting_set:
             self.waiting_set.discard(queue_id)

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import attrs
 from twisted.internet.defer import Deferred
 
-from gateway.model import Envelope, Recipient, Session, peer_address
+from gateway.model import Envelope, Recipient, Role, Session, peer_address
 from gateway.smtp.reply import Reply
 
 
@@ -45,6 +45,7 @@ class ServerSettings:
     max_line_length: int = 1000  # command line, CRLF included
     data_chunk_size: int = 64 * 1024  # most of a partial data line kept in memory
     vrfy_enabled: bool = False  # VRFY answers 502 when off, 252 when on
+    etrn_enabled: bool = True  # ETRN (RFC 1985) for clients that may relay: flush and fetch now
     reject_bare_lf: bool = True
     auth_requires_tls: bool = True  # AUTH advertised and accepted only after STARTTLS
     tls_required: bool = False  # MAIL refused before STARTTLS (a submission port)
@@ -85,6 +86,8 @@ class SessionChecks(Protocol):
     def new_message(self, session: Session) -> Any: ...
 
     def accept(self, session: Session, envelope: Envelope, message: Any) -> Deferred[Reply]: ...
+
+    def etrn(self, session: Session, domain: str) -> Reply: ...
 
     def close(self) -> None: ...
 
@@ -150,6 +153,11 @@ def received_header(
     return text.encode("utf-8", "replace")
 
 
+def may_etrn(session: Session) -> bool:
+    """ETRN is for the internal servers: submission listeners, relay.networks, AUTH users."""
+    return session.role is Role.SUBMISSION or session.may_relay
+
+
 def ehlo_keywords(
     settings: ServerSettings,
     session: Session,
@@ -170,6 +178,8 @@ def ehlo_keywords(
     ]
     if settings.vrfy_enabled:
         keywords.append("VRFY")
+    if settings.etrn_enabled and may_etrn(session):
+        keywords.append("ETRN")
     if can_start_tls and not session.tls:
         keywords.append("STARTTLS")
     auth_allowed = session.tls or not settings.auth_requires_tls

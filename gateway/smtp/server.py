@@ -29,6 +29,7 @@ Security choices (each has a regression test named after the attack):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -57,6 +58,7 @@ from gateway.smtp._session import (
     ServerSettings,
     SessionChecks,
     in_networks,
+    may_etrn,
 )
 from gateway.smtp._transaction import Transaction
 from gateway.smtp.address import CommandError
@@ -70,7 +72,8 @@ __all__ = ["ServerSettings", "SmtpServerFactory", "SmtpServerProtocol"]
 
 # HTTP and POP3 through an SMTP port: a proxy abuse or a confused client; hang up
 _FORBIDDEN = frozenset({"CONNECT", "GET", "POST", "PUT", "HEAD", "USER", "PASS"})
-_HELP = "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT HELP VRFY STARTTLS AUTH"
+_HELP = "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT HELP VRFY ETRN STARTTLS AUTH"
+_ETRN_NODE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.\-]{0,252})")
 
 
 class SmtpServerFactory(ServerFactory):
@@ -122,6 +125,7 @@ class SmtpServerFactory(ServerFactory):
             soft_error_limit=smtp.soft_error_limit,
             error_delay=smtp.error_delay,
             vrfy_enabled=smtp.vrfy,
+            etrn_enabled=smtp.etrn,
             reject_bare_lf=smtp.reject_bare_lf,
             auth_requires_tls=smtp.auth_requires_tls,
             tls_required=listener.require_tls,
@@ -186,6 +190,7 @@ class SmtpServerProtocol(Transaction, AuthExchange, MessageData, Protocol):
             "HELP": self._help,
             "VRFY": self._vrfy,
             "EXPN": self._expn,
+            "ETRN": self._etrn,
             "STARTTLS": self._starttls,
             "AUTH": self._auth,
         }
@@ -432,6 +437,20 @@ class SmtpServerProtocol(Transaction, AuthExchange, MessageData, Protocol):
         if not self.settings.vrfy_enabled:
             return Reply(502, "5.5.1", "VRFY command is disabled")
         return Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
+
+    def _etrn(self, argument: str) -> Reply:
+        """RFC 1985: deliver the mail waiting for a domain, and fetch its mailboxes, now."""
+        node = argument.strip(" ")
+        domain = node.lstrip("#@")
+        if not domain or not _ETRN_NODE.fullmatch(domain):
+            return Reply(501, "5.5.4", "Syntax: ETRN domain")
+        if not self.settings.etrn_enabled:
+            return Reply(502, "5.5.1", "ETRN command is disabled")
+        if not may_etrn(self.session):
+            return Reply(459, "4.7.1", f"<{domain}>: ETRN is for the internal servers only")
+        if self._envelope is not None:
+            return Reply(503, "5.5.1", "Error: MAIL transaction in progress")
+        return self.checks.etrn(self.session, domain.lower())
 
     def _expn(self, argument: str) -> Reply:
         return Reply(502, "5.5.1", "EXPN command is disabled")

@@ -55,6 +55,9 @@ class WorkerLink(ProcessProtocol):
                     self.pool.filter_counters[self.index] = json.loads(line)
                 except ValueError:
                     self.log.warn("worker {index}: unreadable counters line", index=self.index)
+            elif line.startswith(b"ETRN "):  # an internal server asked a worker
+                if self.pool.on_etrn is not None:
+                    self.pool.on_etrn(line[5:].decode("ascii", "replace"))
             elif line:
                 self.pool.on_queued(line.decode("ascii", "replace"))
 
@@ -84,7 +87,9 @@ class SmtpWorkers(Service):
         endpoints: list[str],
         on_queued: Callable[[str], None],
         reactor: Any,
+        on_etrn: Callable[[str], None] | None = None,
     ) -> None:
+        self.on_etrn = on_etrn  # a worker passed on an ETRN <domain>
         self.count = count
         self.config_path = config_path
         self.endpoints = endpoints
@@ -237,6 +242,8 @@ def main(argv: list[str] | None = None) -> None:
     StandardIO(parent, reactor=reactor)  # type: ignore[no-untyped-call]
     spool.subscribe(lambda queue_id: parent.transport.write(queue_id.encode() + b"\n"))  # type: ignore[union-attr]
     reception = make_reception(cfg, spool, reactor)
+    # ETRN is carried out by the main process (the queue, the fetchers): pass it on
+    reception.etrn = lambda domain: parent.transport.write(b"ETRN " + domain.encode("ascii") + b"\n")  # type: ignore[union-attr]
     install_sighup(reactor, reloader(reception.runner))  # the main process passes SIGHUP on
     report = LoopingCall(_report_counters, parent, reception.runner)
     report.clock = reactor
