@@ -1,8 +1,9 @@
 """The load client of bench/content_bench.py: real messages, one per SMTP connection, timed at end of data.
 
 Each session comes from its own 127.2.x.y address (outside relay.networks, so the
-gateway runs its inbound chain), sends EHLO, MAIL FROM (BODY=8BITMIME), RCPT TO,
-DATA and one message of the corpus, then QUIT. The time recorded is the
+gateway runs its inbound chain), sends EHLO, MAIL FROM (BODY=8BITMIME), RCPT TO
+and DATA pipelined in one write as an MTA does (or one by one, `pipelining`
+False), one message of the corpus, then QUIT. The time recorded is the
 end-of-data latency: from writing the final ".\\r\\n" (after every byte of the
 message was handed to the kernel) until the reply to it, which is when the
 gateway has run the content filters and committed the message.
@@ -70,7 +71,7 @@ async def _reply(reader: asyncio.StreamReader) -> bytes:
             return line
 
 
-async def one_message(source: str, port: int, sample: Sample) -> tuple[bytes, float]:
+async def one_message(source: str, port: int, sample: Sample, pipelining: bool = True) -> tuple[bytes, float]:
     """Send `sample` in one session from `source`; (the reply to ".", end-of-data latency in s)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -92,8 +93,16 @@ async def one_message(source: str, port: int, sample: Sample) -> tuple[bytes, fl
         writer.write(b"EHLO client.bench.test\r\n")
         if not (ehlo := await _reply(reader)).startswith(b"250"):
             return ehlo, 0.0
-        writer.write(b"MAIL FROM:<%s> BODY=8BITMIME\r\nRCPT TO:<%s>\r\nDATA\r\n" % (SENDER, RECIPIENT))
-        for expected in (b"250", b"250", b"354"):
+        commands = (
+            b"MAIL FROM:<%s> BODY=8BITMIME\r\n" % SENDER,
+            b"RCPT TO:<%s>\r\n" % RECIPIENT,
+            b"DATA\r\n",
+        )
+        if pipelining:
+            writer.write(b"".join(commands))
+        for command, expected in zip(commands, (b"250", b"250", b"354"), strict=True):
+            if not pipelining:
+                writer.write(command)
             if not (answer := await _reply(reader)).startswith(expected):
                 return answer, 0.0
         writer.write(sample.wire)
@@ -112,8 +121,9 @@ async def one_message(source: str, port: int, sample: Sample) -> tuple[bytes, fl
 class Load:
     """Sessions from 127.2.x.y, `concurrency` at a time, each with the next message of `samples`."""
 
-    def __init__(self, port: int, samples: list[Sample], concurrency: int) -> None:
+    def __init__(self, port: int, samples: list[Sample], concurrency: int, pipelining: bool = True) -> None:
         self.port = port
+        self.pipelining = pipelining
         self.samples = samples
         self.concurrency = concurrency
         self.addresses = [f"127.2.{a}.{b}" for a in range(256) for b in range(1, 255)]
@@ -132,7 +142,7 @@ class Load:
                 source = self.addresses[number % len(self.addresses)]
                 try:
                     answer, latency = await asyncio.wait_for(
-                        one_message(source, self.port, sample), SESSION_TIMEOUT
+                        one_message(source, self.port, sample, self.pipelining), SESSION_TIMEOUT
                     )
                 except (OSError, ConnectionError, TimeoutError) as error:
                     answer, latency = type(error).__name__.encode(), 0.0

@@ -38,7 +38,13 @@ sink (all of them must), the filters' opinions from the gateway's log, and
 then, from the medians of --reps, the ratios bayes/core and full/core of
 messages/s and the latency each adds (cell minus core).
 
+MAIL, RCPT and DATA go pipelined in one write, as an MTA sends them. At commit
+b52c911 that costs each session about 40 ms before the 354: the gateway sets no
+TCP_NODELAY, so its later reply waits (Nagle) for the client's delayed ACK of the
+first. --no-pipelining sends them one by one and shows the chain's cost without it.
+
     /tmp/venv/bin/python bench/content_bench.py [--seconds 10] [--concurrency 10] [--reps 3]
+        [--no-pipelining] [--cells core,bayes,full] [--spamd-children 4] [--warmup 2]
 
 Needs root (smtp-sink -u nobody, spamd's children as nobody), postfix (smtp-sink),
 spamd, clamd and sigtool.
@@ -344,6 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=10, help="concurrent sessions")
     parser.add_argument("--reps", type=int, default=1, help="repetitions of every cell; medians")
     parser.add_argument("--cells", default=",".join(CELLS), help="which cells to run")
+    parser.add_argument(
+        "--no-pipelining",
+        action="store_true",
+        help="send MAIL, RCPT and DATA one by one (default: pipelined in one write, as an MTA does)",
+    )
     parser.add_argument("--spamd-children", type=int, default=4, help="spamd --max-children")
     parser.add_argument("--salt", default="mailgate", help="the corpus split (bench/bayes_bench.py)")
     parser.add_argument("--cache", default=os.path.expanduser("~/.cache/mailgate-bench"))
@@ -369,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
             f"# load: {len(samples)} messages ({spams} spam, {len(samples) - spams} ham) of the SpamAssassin"
             f" public corpus, median {sizes[len(sizes) // 2] / 1024:.1f} KB, mean"
             f" {sum(sizes) / len(sizes) / 1024:.1f} KB, max {sizes[-1] / 1024:.0f} KB; one message per"
-            f" connection, {args.concurrency} sessions; {os.cpu_count()} CPUs, load average"
+            f" connection, {args.concurrency} sessions, MAIL/RCPT/DATA"
+            f" {'one by one' if args.no_pipelining else 'pipelined'}; {os.cpu_count()} CPUs, load average"
             f" {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
             flush=True,
         )
@@ -384,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         sink = Sink(procs, work)
-        load = Load(GATEWAY_PORT, samples, args.concurrency)
+        load = Load(GATEWAY_PORT, samples, args.concurrency, pipelining=not args.no_pipelining)
         for rep in range(args.reps):
             for cell in cells:
                 directory = os.path.join(work, f"rep{rep}", cell)
