@@ -8,9 +8,12 @@ simulated: `startTLS` is recorded and `handshake()` says the handshake completed
 from __future__ import annotations
 
 import base64
+import itertools
 from typing import Any, TypeVar
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.task import Clock
@@ -420,6 +423,27 @@ def test_retrieve_streams_the_body_as_it_arrives_and_marks_nothing_seen() -> Non
             assert not fetching.called
     assert result_of(fetching) == len(MESSAGE)
     assert b"".join(pieces) == MESSAGE and len(pieces) > 3
+
+
+QUIRKY_ANSWER = (
+    b"* 4 EXISTS\r\n* 3 FETCH (FLAGS (\\Recent) UID 7 BODY[] {%d}\r\n%s FLAGS (\\Recent))\r\n"
+    b"* 1 EXPUNGE\r\n* OK [HIGHESTMODSEQ 9] x\r\nM3 OK Fetch completed.\r\n" % (len(MESSAGE), MESSAGE)
+)
+
+
+@settings(max_examples=60)
+@given(st.lists(st.integers(min_value=1, max_value=len(QUIRKY_ANSWER) - 1), max_size=40))
+def test_any_split_of_the_answer_gives_the_same_message(cuts: list[int]) -> None:
+    dialogue, session = logged_in()
+    pieces: list[bytes] = []
+    fetching = session.retrieve(RemoteMessage("1700000001:7", len(MESSAGE), 3), pieces.append)
+    dialogue.expect(b"M3 UID FETCH 7 (BODY.PEEK[])\r\n")
+    points = sorted({0, *cuts, len(QUIRKY_ANSWER)})
+    for start, end in itertools.pairwise(points):
+        dialogue.server(QUIRKY_ANSWER[start:end])
+    assert result_of(fetching) == len(MESSAGE)
+    assert b"".join(pieces) == MESSAGE
+    assert session.exists == 3
 
 
 def test_a_body_with_the_uid_after_it_and_flags_around_it() -> None:
