@@ -1,0 +1,434 @@
+"""The poller: every fetch account on its own timer, into the queue.
+
+`FetchService` (a twisted Service) polls each account every `interval`
+(the first polls soon after start, spread over the first seconds), with at
+most `per_server_sessions` sessions open at once to one server, however many
+accounts live there. One poll, per mailbox (the POP3 maildrop, or each IMAP
+folder in turn):
+
+1. connect and log in (`connect_pop3` / `connect_imap`);
+2. list; forget seen UIDs the server no longer has (`gateway.fetch.seen`);
+3. skip what was seen, and what is larger than `max_size` (left on the
+   server and reported once); take at most `max_messages`, oldest first;
+4. retrieve and queue each in order (`gateway.fetch.intake`); a message
+   whose reception answered 250 is recorded as seen; one that got a 4xx is
+   left for the next poll;
+5. mark for deletion what is durable in our queue (keep = false), or, with
+   keep = true and `delete_after`, what was first fetched that long ago;
+6. close: the server deletes only now (POP3 QUIT, IMAP EXPUNGE). A poll that
+   fails anywhere aborts the session, and nothing is deleted.
+
+A failed poll backs the account off (its interval doubled per failure, up to
+30 minutes; back to normal after a success). Three refused logins in a row
+log one alert line for the account. `poll_now` starts a poll at once
+(`mailgatectl fetch now`, ETRN); one already running is not started twice, the
+request runs right after it. `status()` gives each account's counters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, gatherResults
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from gateway.fetch import AuthenticationFailed, FetchError, IMailboxSession, MailboxAccount, RemoteMessage
+from gateway.fetch.accounts import FetchAccount, FetchConfig
+from gateway.fetch.intake import Intake
+from gateway.fetch.seen import SeenStore
+from gateway.state import IStateStore
+
+__all__ = ["ALERT_AFTER", "MAX_BACKOFF", "FetchService", "PollResult", "default_connectors"]
+
+log = Logger(namespace="mailgate.fetch")
+
+MAX_BACKOFF = 30 * 60.0  # a failing account is tried at least this often
+ALERT_AFTER = 3  # refused logins in a row before the alert line
+FIRST_POLL = 1.0  # seconds after start of the first account's first poll
+SPREAD = 30.0  # the first polls of all accounts are spread over at most this
+
+Connector = Callable[[MailboxAccount, Any], Deferred[Any]]
+
+
+def default_connectors() -> dict[str, Connector]:
+    """The protocol clients: "pop3" and "imap"."""
+    from gateway.fetch.imap import connect_imap
+    from gateway.fetch.pop3 import connect_pop3
+
+    return {"pop3": connect_pop3, "imap": connect_imap}
+
+
+@attrs.frozen
+class PollResult:
+    """What one poll of an account did."""
+
+    account: str
+    messages: int = 0  # queued (or dropped as multidrop duplicates)
+    octets: int = 0
+    deleted: int = 0  # marked for deletion on the server
+    left: int = 0  # refused for now (4xx): left on the server for the next poll
+    oversized: int = 0
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.define
+class _Counters:
+    polls: int = 0
+    messages: int = 0
+    bytes: int = 0
+    errors: int = 0
+    last_error: str | None = None
+    last_error_time: float | None = None
+    last_success: float | None = None
+
+
+@attrs.define(eq=False)
+class _AccountState:
+    """An account's timer, poll under way, waiting requests, failures and counters."""
+
+    account: FetchAccount
+    timer: IDelayedCall | None = None
+    running: Deferred[PollResult] | None = None
+    waiting: list[Deferred[PollResult]] = attrs.field(factory=list)  # for the poll under way
+    again: list[Deferred[PollResult]] = attrs.field(factory=list)  # for a poll right after it
+    failures: int = 0  # polls failed in a row (the backoff)
+    auth_failures: int = 0  # logins refused in a row
+    reported: set[tuple[str, str]] = attrs.field(factory=set)  # (folder, uid) reported oversized
+    sessions: set[Any] = attrs.field(factory=set)  # open mailbox sessions (aborted at stop)
+    counters: _Counters = attrs.field(factory=_Counters)
+    next_poll: float | None = None
+
+
+class FetchService(Service):
+    """Polls the configured accounts into the queue (see the module docstring)."""
+
+    name = "fetch"
+
+    def __init__(
+        self,
+        config: FetchConfig,
+        reception: Any,
+        store: IStateStore,
+        clock: IReactorTime,
+        *,
+        hostname: str,
+        postmaster: str,
+        connect: Mapping[str, Connector] | None = None,
+        now: Callable[[], float] | None = None,
+    ) -> None:
+        """`reception`: the gateway's `Reception` (built with ``fetched_refusal =
+        fetch.on_refusal``); `store`: the state store (seen UIDs, duplicates);
+        `clock`: the reactor; `postmaster`: where refused and unknown recipients go
+        for accounts without their own; `connect`: the protocol clients by name
+        (tests give fakes); `now`: wall-clock time for the status (the clock's by default)."""
+        self.config = config
+        self.clock = clock
+        self.connect = dict(connect) if connect is not None else default_connectors()
+        self.intake = Intake(reception, store, clock, hostname, postmaster)
+        self.seen = SeenStore(store, clock)
+        self.now = now or clock.seconds
+        self.accounts = {account.name: _AccountState(account) for account in config.accounts}
+        self._servers: dict[str, DeferredSemaphore] = {}
+        self._stopping = False
+
+    # -- the service ----------------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._stopping = False
+        count = len(self.accounts)
+        for index, state in enumerate(self.accounts.values()):
+            spread = min(SPREAD, state.account.interval) * index / max(1, count)
+            self._schedule(state, FIRST_POLL + spread)
+        if count:
+            log.info("fetch: {count} account(s) to poll", count=count)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]
+        self._stopping = True
+        running = []
+        for state in self.accounts.values():
+            if state.timer is not None and state.timer.active():
+                state.timer.cancel()
+            state.timer = None
+            for session in list(state.sessions):
+                session.abort()  # nothing is deleted on a dropped session
+            if state.running is not None:
+                running.append(_settled(state.running))
+        return DeferredList(running).addCallback(lambda _: None)
+
+    # -- on demand ------------------------------------------------------------------------------------
+
+    def poll_now(self, name: str | None = None) -> Deferred[list[dict[str, Any]]]:
+        """Poll one account (or all) at once; fires with each poll's result (`PollResult.as_dict`).
+
+        An account whose poll is under way is polled again right after it.
+        An unknown name raises ValueError (the control socket shows it).
+        """
+        if name is not None and name not in self.accounts:
+            raise ValueError(f"no fetch account named {name!r} (see mailgatectl fetch status)")
+        if self._stopping:
+            raise ValueError("the gateway is stopping")
+        states = [self.accounts[name]] if name is not None else list(self.accounts.values())
+        asked = [self._request(state) for state in states]
+        return gatherResults(asked).addCallback(lambda results: [result.as_dict() for result in results])
+
+    def poll_domain(self, domain: str) -> list[str]:
+        """ETRN <domain> (RFC 1985): poll the accounts delivering into `domain`; their names.
+
+        No name back: none delivers there (the SMTP server answers 458). The
+        polls run on; their errors are logged and counted as any poll's.
+        """
+        names = [name for name, state in self.accounts.items() if domain_of_account(state.account, domain)]
+        for name in names:
+            self.poll_now(name)
+        return names
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        """Each account's counters and state, as plain values (for `mailgatectl fetch status`)."""
+        report = {}
+        for name, state in self.accounts.items():
+            account = state.account
+            report[name] = {
+                "protocol": account.protocol,
+                "server": f"{account.server}:{account.port}",
+                "username": account.username,
+                **attrs.asdict(state.counters),
+                "running": state.running is not None,
+                "failures_in_a_row": state.failures,
+                "next_poll": state.next_poll,
+            }
+        return report
+
+    # -- scheduling -----------------------------------------------------------------------------------
+
+    def _schedule(self, state: _AccountState, delay: float) -> None:
+        if state.timer is not None and state.timer.active():
+            state.timer.cancel()
+        state.timer = self.clock.callLater(delay, self._timer_fired, state)
+        state.next_poll = self.now() + delay
+
+    def _timer_fired(self, state: _AccountState) -> None:
+        state.timer = None
+        if state.running is None:
+            self._start(state)
+
+    def _request(self, state: _AccountState) -> Deferred[PollResult]:
+        asked: Deferred[PollResult] = Deferred()
+        if state.running is not None:
+            state.again.append(asked)
+        else:
+            state.waiting.append(asked)
+            self._start(state)
+        return asked
+
+    def _start(self, state: _AccountState) -> None:
+        if state.timer is not None and state.timer.active():
+            state.timer.cancel()
+        state.timer = None
+        state.next_poll = None
+        running = Deferred.fromCoroutine(self._poll(state))
+        state.running = running
+        running.addBoth(self._finished, state)
+
+    def _finished(self, outcome: PollResult | Failure, state: _AccountState) -> None:
+        state.running = None
+        if isinstance(outcome, Failure):  # a bug: _poll catches what a poll may meet
+            log.failure("fetch: {account}: poll failed", outcome, account=state.account.name)
+            outcome = PollResult(state.account.name, error=outcome.getErrorMessage())
+        waiting, state.waiting = state.waiting, []
+        for asked in waiting:
+            asked.callback(outcome)
+        if self._stopping:
+            for asked in state.again:
+                asked.callback(PollResult(state.account.name, error="the gateway is stopping"))
+            state.again = []
+            return
+        if state.again:
+            state.waiting, state.again = state.again, []
+            self._start(state)
+            return
+        interval = state.account.interval
+        delay = max(interval, min(interval * 2**state.failures, MAX_BACKOFF)) if state.failures else interval
+        self._schedule(state, delay)
+
+    # -- one poll -------------------------------------------------------------------------------------
+
+    async def _poll(self, state: _AccountState) -> PollResult:
+        account = state.account
+        state.counters.polls += 1
+        folders = account.folders if account.protocol == "imap" else ("INBOX",)
+        totals = PollResult(account.name)
+        try:
+            for folder in folders:
+                if self._stopping:
+                    break
+                totals = await self._folder(state, folder, totals)
+        except Exception as error:
+            return self._failed(state, totals, error)
+        state.failures = 0
+        state.auth_failures = 0
+        state.counters.last_success = self.now()
+        if totals.messages or totals.deleted or totals.left:
+            log.info(
+                "fetch: {account}: {messages} message(s), {octets} octets queued, {deleted} deleted"
+                " on the server, {left} left for later",
+                account=account.name,
+                messages=totals.messages,
+                octets=totals.octets,
+                deleted=totals.deleted,
+                left=totals.left,
+            )
+        return totals
+
+    def _failed(self, state: _AccountState, totals: PollResult, error: Exception) -> PollResult:
+        account = state.account
+        text = str(error) if isinstance(error, FetchError) else f"{type(error).__name__}: {error}"
+        state.failures += 1
+        state.counters.errors += 1
+        state.counters.last_error = text
+        state.counters.last_error_time = self.now()
+        if isinstance(error, AuthenticationFailed):
+            state.auth_failures += 1
+            if state.auth_failures == ALERT_AFTER:
+                log.error(
+                    "fetch: ALERT: account {account}: authentication failed {count} times",
+                    account=account.name,
+                    count=ALERT_AFTER,
+                )
+        else:
+            state.auth_failures = 0
+        if not isinstance(error, FetchError):
+            failure = Failure(error)  # type: ignore[no-untyped-call]
+            log.failure("fetch: {account}: poll failed", failure, account=account.name)
+        else:
+            log.warn("fetch: {account}: {error}", account=account.name, error=text)
+        return attrs.evolve(totals, error=text)
+
+    async def _folder(self, state: _AccountState, folder: str, totals: PollResult) -> PollResult:
+        account = state.account
+        server = self._servers.setdefault(
+            account.server.lower(), DeferredSemaphore(self.config.per_server_sessions)
+        )
+        await server.acquire()
+        try:
+            mailbox: IMailboxSession = await self.connect[account.protocol](
+                account.mailbox(folder), self.clock
+            )
+            state.sessions.add(mailbox)
+            try:
+                totals = await self._fetch(state, folder, mailbox, totals)
+                await mailbox.close()
+            except BaseException:
+                mailbox.abort()
+                raise
+            finally:
+                state.sessions.discard(mailbox)
+        finally:
+            server.release()
+        return totals
+
+    async def _fetch(
+        self, state: _AccountState, folder: str, mailbox: IMailboxSession, totals: PollResult
+    ) -> PollResult:
+        account = state.account
+        listed: list[RemoteMessage] = await mailbox.list_messages()
+        seen = await self.seen.open(account.name, folder)
+        seen.prune(message.uid for message in listed)
+        present = {(folder, message.uid) for message in listed}
+        state.reported = {key for key in state.reported if key[0] != folder or key in present}
+        fresh = [message for message in listed if message.uid not in seen]
+        if account.max_size:
+            oversized = [message for message in fresh if message.size > account.max_size]
+            fresh = [message for message in fresh if message.size <= account.max_size]
+            totals = attrs.evolve(totals, oversized=totals.oversized + len(oversized))
+            self._report_oversized(state, folder, oversized)
+        if account.max_messages:
+            fresh = fresh[: account.max_messages]
+        for message in fresh:
+            if self._stopping:
+                break
+            result = await self.intake.take(account, mailbox, message)
+            state.counters.bytes += result.size
+            if result.done:
+                await seen.record(message.uid)
+                state.counters.messages += 1
+                totals = attrs.evolve(
+                    totals, messages=totals.messages + 1, octets=totals.octets + result.size
+                )
+            else:
+                state.counters.errors += 1
+                state.counters.last_error = f"{folder} {message.uid}: {result.reply}"
+                state.counters.last_error_time = self.now()
+                totals = attrs.evolve(totals, left=totals.left + 1)
+                log.warn(
+                    "fetch: {account}: message {uid} left on the server for the next poll: {reply}",
+                    account=account.name,
+                    uid=message.uid,
+                    reply=result.reply,
+                )
+        doomed = list(self._to_delete(account, listed, seen))
+        if doomed:
+            await mailbox.delete(doomed)
+        await seen.flush()
+        return attrs.evolve(totals, deleted=totals.deleted + len(doomed))
+
+    def _to_delete(
+        self, account: FetchAccount, listed: list[RemoteMessage], seen: Any
+    ) -> Iterable[RemoteMessage]:
+        """Listed messages that are durable in our queue and may go: all of them, unless kept."""
+        now = self.clock.seconds()
+        for message in listed:
+            first = seen.first_seen(message.uid)
+            if first is None:
+                continue
+            if not account.keep or (account.delete_after and now - first >= account.delete_after):
+                yield message
+
+    def _report_oversized(self, state: _AccountState, folder: str, oversized: list[RemoteMessage]) -> None:
+        for message in oversized:
+            key = (folder, message.uid)
+            if key in state.reported:
+                continue
+            state.reported.add(key)
+            log.warn(
+                "fetch: {account}: message {uid} in {folder} is {size} octets, over max_size"
+                " {limit}: left on the server",
+                account=state.account.name,
+                uid=message.uid,
+                folder=folder,
+                size=message.size,
+                limit=state.account.max_size,
+            )
+
+
+def domain_of_account(account: FetchAccount, domain: str) -> bool:
+    """Whether an account delivers into `domain` (for ETRN)."""
+    domain = domain.lower().rstrip(".").lstrip("@#")
+    targets = list(account.deliver_to)
+    if account.multidrop is not None:
+        targets.extend(address for _local, address in account.multidrop.local_parts)
+        targets.extend(f"x@{internal}" for _external, internal in account.multidrop.domain_map)
+        if account.multidrop.unknown:
+            targets.append(account.multidrop.unknown)
+    return any(target.rpartition("@")[2].lower() == domain for target in targets)
+
+
+def _settled(deferred: Deferred[Any]) -> Deferred[None]:
+    """A Deferred that fires when `deferred` does, whatever the outcome, leaving it untouched."""
+    settled: Deferred[None] = Deferred()
+
+    def tell(result: Any) -> Any:
+        settled.callback(None)
+        return result
+
+    deferred.addBoth(tell)
+    return settled
