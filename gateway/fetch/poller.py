@@ -41,7 +41,7 @@ from gateway.fetch import AuthenticationFailed, FetchError, IMailboxSession, Mai
 from gateway.fetch.accounts import FetchAccount, FetchConfig
 from gateway.fetch.intake import Intake
 from gateway.fetch.seen import SeenStore
-from gateway.state import IStateStore
+from gateway.state import IStateStore, StoreError
 
 __all__ = ["ALERT_AFTER", "MAX_BACKOFF", "FetchService", "PollResult", "default_connectors"]
 
@@ -77,6 +77,20 @@ class PollResult:
 
     def as_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
+
+
+@attrs.define
+class _Tally:
+    """A poll's counts as it goes (kept when it fails half-way)."""
+
+    messages: int = 0
+    octets: int = 0
+    deleted: int = 0
+    left: int = 0
+    oversized: int = 0
+
+    def result(self, account: str) -> PollResult:
+        return PollResult(account, self.messages, self.octets, self.deleted, self.left, self.oversized)
 
 
 @attrs.define
@@ -256,6 +270,8 @@ class FetchService(Service):
             state.waiting, state.again = state.again, []
             self._start(state)
             return
+        if not self.running:
+            return  # polled on demand before the service started: the timers start with it
         interval = state.account.interval
         delay = max(interval, min(interval * 2**state.failures, MAX_BACKOFF)) if state.failures else interval
         self._schedule(state, delay)
@@ -266,28 +282,28 @@ class FetchService(Service):
         account = state.account
         state.counters.polls += 1
         folders = account.folders if account.protocol == "imap" else ("INBOX",)
-        totals = PollResult(account.name)
+        tally = _Tally()
         try:
             for folder in folders:
                 if self._stopping:
                     break
-                totals = await self._folder(state, folder, totals)
+                await self._folder(state, folder, tally)
         except Exception as error:
-            return self._failed(state, totals, error)
+            return self._failed(state, tally.result(account.name), error)
         state.failures = 0
         state.auth_failures = 0
         state.counters.last_success = self.now()
-        if totals.messages or totals.deleted or totals.left:
+        if tally.messages or tally.deleted or tally.left:
             log.info(
                 "fetch: {account}: {messages} message(s), {octets} octets queued, {deleted} deleted"
                 " on the server, {left} left for later",
                 account=account.name,
-                messages=totals.messages,
-                octets=totals.octets,
-                deleted=totals.deleted,
-                left=totals.left,
+                messages=tally.messages,
+                octets=tally.octets,
+                deleted=tally.deleted,
+                left=tally.left,
             )
-        return totals
+        return tally.result(account.name)
 
     def _failed(self, state: _AccountState, totals: PollResult, error: Exception) -> PollResult:
         account = state.account
@@ -306,14 +322,14 @@ class FetchService(Service):
                 )
         else:
             state.auth_failures = 0
-        if not isinstance(error, FetchError):
+        if isinstance(error, (FetchError, StoreError, OSError)):
+            log.warn("fetch: {account}: {error}", account=account.name, error=text)
+        else:  # a bug
             failure = Failure(error)  # type: ignore[no-untyped-call]
             log.failure("fetch: {account}: poll failed", failure, account=account.name)
-        else:
-            log.warn("fetch: {account}: {error}", account=account.name, error=text)
         return attrs.evolve(totals, error=text)
 
-    async def _folder(self, state: _AccountState, folder: str, totals: PollResult) -> PollResult:
+    async def _folder(self, state: _AccountState, folder: str, tally: _Tally) -> None:
         account = state.account
         server = self._servers.setdefault(
             account.server.lower(), DeferredSemaphore(self.config.per_server_sessions)
@@ -325,7 +341,7 @@ class FetchService(Service):
             )
             state.sessions.add(mailbox)
             try:
-                totals = await self._fetch(state, folder, mailbox, totals)
+                await self._fetch(state, folder, mailbox, tally)
                 await mailbox.close()
             except BaseException:
                 mailbox.abort()
@@ -334,11 +350,10 @@ class FetchService(Service):
                 state.sessions.discard(mailbox)
         finally:
             server.release()
-        return totals
 
     async def _fetch(
-        self, state: _AccountState, folder: str, mailbox: IMailboxSession, totals: PollResult
-    ) -> PollResult:
+        self, state: _AccountState, folder: str, mailbox: IMailboxSession, tally: _Tally
+    ) -> None:
         account = state.account
         listed: list[RemoteMessage] = await mailbox.list_messages()
         seen = await self.seen.open(account.name, folder)
@@ -349,7 +364,7 @@ class FetchService(Service):
         if account.max_size:
             oversized = [message for message in fresh if message.size > account.max_size]
             fresh = [message for message in fresh if message.size <= account.max_size]
-            totals = attrs.evolve(totals, oversized=totals.oversized + len(oversized))
+            tally.oversized += len(oversized)
             self._report_oversized(state, folder, oversized)
         if account.max_messages:
             fresh = fresh[: account.max_messages]
@@ -361,14 +376,13 @@ class FetchService(Service):
             if result.done:
                 await seen.record(message.uid)
                 state.counters.messages += 1
-                totals = attrs.evolve(
-                    totals, messages=totals.messages + 1, octets=totals.octets + result.size
-                )
+                tally.messages += 1
+                tally.octets += result.size
             else:
                 state.counters.errors += 1
                 state.counters.last_error = f"{folder} {message.uid}: {result.reply}"
                 state.counters.last_error_time = self.now()
-                totals = attrs.evolve(totals, left=totals.left + 1)
+                tally.left += 1
                 log.warn(
                     "fetch: {account}: message {uid} left on the server for the next poll: {reply}",
                     account=account.name,
@@ -379,7 +393,7 @@ class FetchService(Service):
         if doomed:
             await mailbox.delete(doomed)
         await seen.flush()
-        return attrs.evolve(totals, deleted=totals.deleted + len(doomed))
+        tally.deleted += len(doomed)
 
     def _to_delete(
         self, account: FetchAccount, listed: list[RemoteMessage], seen: Any

@@ -51,7 +51,13 @@ def test_no_fetch_table_means_no_accounts_and_the_documented_defaults(tmp_path: 
 def test_a_pop3_account_gets_its_defaults_and_a_mailbox_for_the_client(tmp_path: Path) -> None:
     fetch = parse(account(tmp_path), tmp_path)
     [sales] = fetch.accounts
-    assert (sales.port, sales.tls, sales.verify, sales.keep, sales.interval) == (995, "implicit", True, False, 60.0)
+    assert (sales.port, sales.tls, sales.verify, sales.keep, sales.interval) == (
+        995,
+        "implicit",
+        True,
+        False,
+        60.0,
+    )
     assert sales.password_file == str(tmp_path / "sales.pass")
     assert sales.password == ""  # read at start, not when the config is read
     with_password = read_passwords(fetch, "mailgate.toml").accounts[0]
@@ -68,7 +74,12 @@ def test_a_pop3_account_gets_its_defaults_and_a_mailbox_for_the_client(tmp_path:
 
 @pytest.mark.parametrize(
     ("protocol", "tls", "port"),
-    [("pop3", "implicit", 995), ("pop3", "starttls", 110), ("imap", "implicit", 993), ("imap", "starttls", 143)],
+    [
+        ("pop3", "implicit", 995),
+        ("pop3", "starttls", 110),
+        ("imap", "implicit", 993),
+        ("imap", "starttls", 143),
+    ],
 )
 def test_the_port_follows_protocol_and_tls(tmp_path: Path, protocol: str, tls: str, port: int) -> None:
     text = account(tmp_path, f'tls = "{tls}"').replace('"pop3"', f'"{protocol}"')
@@ -109,7 +120,12 @@ unknown = "lost@corp.example"
         "imap.example.net",
         "plain",
     )
-    assert (sales.interval, sales.keep, sales.delete_after, sales.timeout) == (300.0, True, 30 * 86400.0, 120.0)
+    assert (sales.interval, sales.keep, sales.delete_after, sales.timeout) == (
+        300.0,
+        True,
+        30 * 86400.0,
+        120.0,
+    )
     assert sales.folders == ("INBOX", "Ventes/Été")
     assert (sales.max_size, sales.max_messages, sales.postmaster) == (20 * 1024**2, 50, "admin@corp.example")
     multidrop = sales.multidrop

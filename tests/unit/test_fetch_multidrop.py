@@ -37,7 +37,10 @@ def test_several_addresses_and_a_domain_map() -> None:
 
 
 def test_to_and_cc_are_the_fallback_with_display_names_and_folding() -> None:
-    head = b'From: x@y.example\r\nTo: "Smith, Bob" <bob.smith@example.com>,\r\n\tother@elsewhere.example\r\nCc: Alice <ALICE@example.com>\r\n\r\n'
+    head = (
+        b'From: x@y.example\r\nTo: "Smith, Bob" <bob.smith@example.com>,\r\n\tother@elsewhere.example\r\n'
+        b"Cc: Alice <ALICE@example.com>\r\n\r\n"
+    )
     assert routed(head) == (("bob@corp.example", "alice@corp.example"), "To/Cc", ())
 
 
