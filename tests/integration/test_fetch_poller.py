@@ -71,7 +71,7 @@ class Gateway:
 
     def __init__(self, directory: Path, dovecot: DovecotMail, *accounts: FetchAccount) -> None:
         self.directory = directory
-        self.spool = DirectorySpool(str(directory / "spool"), reactor=reactor)
+        self.spool = DirectorySpool(str(directory / "spool"), reactor=reactor)  # type: ignore[arg-type]
         self.spool.recover_now()
         self.store = SqliteStore(str(directory / "state.sqlite"), reactor)
         self.reception = Reception(self.spool, RelayConfig(domains=("corp.test",)))
