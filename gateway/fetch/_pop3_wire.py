@@ -46,6 +46,7 @@ from zope.interface import implementer
 
 from gateway.fetch import FetchError, ProtocolViolation
 from gateway.fetch._connect import TlsStage
+from gateway.tcp import send_at_once
 
 MAX_LINE = 4096  # a status or listing line; RFC 1939 allows 512 octets, be lenient but bounded
 MAX_LISTING_LINES = 500_000  # UIDL/LIST of a very full maildrop; ~20 MB at most
@@ -138,6 +139,7 @@ class Pop3Wire(Protocol):
     # -- Twisted callbacks ------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        send_at_once(self.transport)
         self._start_timer()
 
     def dataReceived(self, data: bytes) -> None:

@@ -68,6 +68,7 @@ from gateway.fetch._imap_parse import (
     quoted,
     sequence_set,
 )
+from gateway.tcp import send_at_once
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -204,6 +205,7 @@ class ImapProtocol(Protocol):
     # -- Twisted callbacks --------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        send_at_once(self.transport)
         self._arm(self.timeout, "waiting for the greeting")
 
     def dataReceived(self, data: bytes) -> None:

@@ -33,6 +33,7 @@ from zope.interface import implementer
 
 from gateway.smtp._dotstuff import DotStuffer
 from gateway.smtp.reply import Reply
+from gateway.tcp import send_at_once
 
 MAX_LINE = 4096  # RFC 5321 says 512 for a reply line; be lenient, but bounded
 MAX_LINES = 200  # lines in one multi-line reply
@@ -111,6 +112,9 @@ class ClientProtocol(Protocol):
         self.greeting = self._expect("receiving the initial server greeting", greeting_timeout)
 
     # -- Twisted callbacks ------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        send_at_once(self.transport)  # commands pipelined as they come, not held for ACKs
 
     def dataReceived(self, data: bytes) -> None:
         generation = self._generation

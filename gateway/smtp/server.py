@@ -64,6 +64,7 @@ from gateway.smtp._transaction import Transaction
 from gateway.smtp.address import CommandError
 from gateway.smtp.auth import ICredentials
 from gateway.smtp.reply import Reply
+from gateway.tcp import send_at_once
 
 if TYPE_CHECKING:
     from gateway.config import Config, ListenerConfig
@@ -198,6 +199,7 @@ class SmtpServerProtocol(Transaction, AuthExchange, MessageData, Protocol):
     # --- connection ------------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        send_at_once(self.transport)
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         host = str(getattr(peer, "host", "unknown"))
         port = int(getattr(peer, "port", 0))
