@@ -143,6 +143,9 @@ class FetchService(Service):
         `clock`: the reactor; `postmaster`: where refused and unknown recipients go
         for accounts without their own; `connect`: the protocol clients by name
         (tests give fakes); `now`: wall-clock time for the status (the clock's by default)."""
+        missing = [account.name for account in config.accounts if not account.password]
+        if missing:  # the composition root reads them (accounts.read_passwords) before building this
+            raise ValueError(f"fetch accounts without their password read: {', '.join(missing)}")
         self.config = config
         self.clock = clock
         self.connect = dict(connect) if connect is not None else default_connectors()
