@@ -26,6 +26,7 @@ from typing import Any
 
 from gateway import config as configuration
 from gateway.bayes import cli as bayes_cli
+from gateway.fetch import cli as fetch_cli
 from gateway.quarantine import cli as quarantine_cli
 
 DEFAULT_CONFIG = "/etc/mailgate/mailgate.toml"
@@ -228,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("passwd", help="print a credentials-file line for a user").add_argument("user")
     quarantine_cli.add_commands(commands)
     bayes_cli.add_commands(commands)
+    fetch_cli.add_commands(commands)
     return parser
 
 
@@ -256,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             print(call(sock, {"command": "reload"}))
         elif args.command == "quarantine":
             quarantine_cli.run(args, lambda request: call(sock, request))
+        elif args.command == "fetch":
+            fetch_cli.run(args, lambda request, **options: call(sock, request, **options))
         elif args.action == "list":
             print_queue(call(sock, {"command": "queue.list"}))
         elif args.action == "show":

@@ -14,12 +14,15 @@ import re
 import socket
 import tomllib
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
 from gateway.content import ContentLimits
 from gateway.model import Role
+
+if TYPE_CHECKING:
+    from gateway.fetch.accounts import FetchConfig
 
 T = TypeVar("T")
 
@@ -182,6 +185,7 @@ class Config:
     filters: FiltersConfig = FiltersConfig()
     quarantine: QuarantineConfig = QuarantineConfig()
     content: ContentLimits = ContentLimits()  # noqa: RUF009 (frozen: one shared default is safe)
+    fetch: FetchConfig = attrs.field(factory=lambda: _no_fetch())
 
     @property
     def postmaster(self) -> str:
@@ -587,6 +591,9 @@ def parse(text: str, source: str = "<config>", *, base_dir: str | None = None) -
     filters = _filters(root.sub("filters"))
     quarantine = _quarantine(root.sub("quarantine"))
     content = ContentLimits.from_section(root.sub("content"))
+    from gateway.fetch.accounts import parse_fetch  # it reads Section: imported here, not above
+
+    fetch = parse_fetch(root.sub("fetch"), base)
     root.done()
 
     return Config(
@@ -603,7 +610,14 @@ def parse(text: str, source: str = "<config>", *, base_dir: str | None = None) -
         filters,
         quarantine,
         content,
+        fetch,
     )
+
+
+def _no_fetch() -> FetchConfig:
+    from gateway.fetch.accounts import FetchConfig
+
+    return FetchConfig()
 
 
 def _quarantine(section: Section) -> QuarantineConfig:
@@ -699,6 +713,13 @@ def non_defaults(config: Config) -> list[tuple[str, object]]:
             found.append((f"filters.{name}.{key}", _show(value)))
     for number, route in enumerate(config.routes):
         found.append((f"routes[{number}]", f"{route.match} -> {route.transport} (tls {route.tls})"))
+    for number, account in enumerate(config.fetch.accounts):
+        found.append(
+            (
+                f"fetch.accounts[{number}]",
+                f"{account.name}: {account.protocol} {account.username}@{account.server}",
+            )
+        )
     return found
 
 

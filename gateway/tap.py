@@ -227,6 +227,7 @@ def make_reception(cfg: configuration.Config, spool: Any, reactor: Any, services
         headers=cfg.filters.headers,
         content=lambda message: reader.content(message.size, message.open),
         keep_rejected=cfg.quarantine.keep_rejected,
+        fetched_refusal=cfg.fetch.on_refusal,
     )
 
 
@@ -306,6 +307,23 @@ def make_service(
         return total
 
     SighupReload(reactor, reload).setServiceParent(top)  # installs at start, restores at stop
+    fetch = None
+    if cfg.fetch.accounts:
+        from gateway.fetch.accounts import read_passwords
+        from gateway.fetch.poller import FetchService
+        from gateway.state import open_store
+
+        fetch = FetchService(
+            read_passwords(cfg.fetch, cfg.source),  # as root, before privileges drop
+            reception,
+            open_store(cfg, reactor),
+            reactor,
+            hostname=cfg.gateway.hostname,
+            postmaster=cfg.postmaster,
+        )
+        fetch.setServiceParent(top)
+        etrn_listeners.append(fetch.poll_domain)
+
     room = QuarantineRoom(
         spool, manager, retention=cfg.quarantine.retention, trainer=bayes_trainer(cfg, reactor)
     )
@@ -319,7 +337,9 @@ def make_service(
     ).setServiceParent(top)
     control = StreamServerEndpointService(
         UNIXServerEndpoint(reactor, cfg.control_socket, mode=0o600, wantPID=True),
-        ControlFactory(manager, spool, time.time(), reload=reload, filter_counters=counters, quarantine=room),
+        ControlFactory(
+            manager, spool, time.time(), reload=reload, filter_counters=counters, quarantine=room, fetch=fetch
+        ),
     )
     control._raiseSynchronously = True
     control.setServiceParent(top)

@@ -80,6 +80,7 @@ class ControlFactory(Factory):
         reload: Callable[[], str] | None = None,
         filter_counters: Callable[[], dict[str, Any]] | None = None,
         quarantine: QuarantineRoom | None = None,
+        fetch: Any = None,
     ) -> None:
         self.manager = manager
         self.spool = spool
@@ -87,6 +88,7 @@ class ControlFactory(Factory):
         self.reload = reload
         self.filter_counters = filter_counters
         self.quarantine = quarantine or QuarantineRoom(spool, manager)
+        self.fetch = fetch  # gateway.fetch.poller.FetchService, when accounts are configured
 
     def buildProtocol(self, addr: object) -> ControlProtocol:
         protocol = ControlProtocol(
@@ -99,6 +101,8 @@ class ControlFactory(Factory):
                 "queue.delete": lambda r: self._then(self.manager.delete(r["id"]), r["id"]),
                 "queue.flush": lambda r: self.manager.flush(r.get("id")),
                 "reload": self.run_reload,
+                "fetch.now": self.fetch_now,
+                "fetch.status": lambda r: self.fetch.status() if self.fetch is not None else {},
                 "quarantine.list": self.quarantine_list,
                 "quarantine.show": self.quarantine_show,
                 "quarantine.release": lambda r: self.quarantine.release(r["id"]),
@@ -119,6 +123,8 @@ class ControlFactory(Factory):
         status: dict[str, Any] = {"pid": os.getpid(), "uptime": time.time() - self.started, "queue": counts}
         if self.filter_counters is not None:
             status["filters"] = self.filter_counters()
+        if self.fetch is not None:
+            status["fetch"] = self.fetch.status()
         return status
 
     def run_reload(self, request: dict[str, Any]) -> str:
@@ -136,6 +142,11 @@ class ControlFactory(Factory):
         end = head.find(b"\r\n\r\n")
         shown["headers"] = (head if end < 0 else head[: end + 2]).decode("utf-8", "replace")
         return shown
+
+    def fetch_now(self, request: dict[str, Any]) -> Any:
+        if self.fetch is None:
+            raise ValueError("no fetch accounts are configured ([[fetch.accounts]])")
+        return self.fetch.poll_now(request.get("account"))  # ValueError for an unknown name
 
     def quarantine_list(self, request: dict[str, Any]) -> list[dict[str, Any]]:
         selection = Selection(
