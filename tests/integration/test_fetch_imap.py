@@ -68,6 +68,8 @@ def dovecot() -> Iterator[DovecotMail]:
     finally:
         if started:
             pool.stop()
+            # a stopped pool cannot start again: let the next user of the reactor make a new one
+            reactor.threadpool = None  # type: ignore[attr-defined]
         peer.stop()
 
 
