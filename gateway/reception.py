@@ -341,6 +341,7 @@ class SessionChecks:
 
         def decided(outcome: Outcome) -> Deferred[Reply] | Reply:
             self._record(outcome, self.transaction, request)
+            _log_defects(message.queue_id, request.message)
             reply = refusal(outcome, Stage.DATA)
             if reply is not None and reply.code >= 500 and request.direction is Direction.FETCHED:
                 return self._fetched_refused(request, envelope, message, outcome)
@@ -532,6 +533,18 @@ def _quarantine(
         hits=tuple((hit.filter, hit.action.value, hit.reason, hit.score) for hit in hits),
         kind=kind,
     )
+
+
+def _log_defects(queue_id: str, content: MessageContent | None) -> None:
+    """One line for a malformed message the content filters read (parsed as far as it went)."""
+    parsed = content.done if content is not None else None
+    if parsed is not None and (parsed.defects or parsed.truncated):
+        log.info(
+            "{queue_id}: malformed or over a [content] limit{truncated}: {defects}",
+            queue_id=queue_id,
+            truncated=" (not read whole)" if parsed.truncated else "",
+            defects="; ".join(parsed.defects[:10]) or "-",
+        )
 
 
 def _content_here(message: IIncomingMessage) -> MessageContent:

@@ -128,6 +128,11 @@ class MessageContent:
         with self.open() as stream:
             return stream.read() if limit is None else stream.read(limit)
 
+    @property
+    def done(self) -> ParsedMessage | None:
+        """The parse, if some filter asked for it and it is over (for the log); else None."""
+        return self._result if isinstance(self._result, ParsedMessage) else None
+
     def parsed(self) -> Deferred[ParsedMessage]:
         """The parse, made once; every caller gets its own Deferred of the same ParsedMessage."""
         mine: Deferred[ParsedMessage] = Deferred()

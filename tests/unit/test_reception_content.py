@@ -146,3 +146,26 @@ def test_a_refusal_of_fetched_mail_can_tag_or_delete_it() -> None:
     gateway, reception = fetched_driver("delete")
     assert fetch_one(reception).code == 250
     assert gateway.spool.messages == {}
+
+
+def test_a_malformed_message_the_filters_read_is_logged_once_with_its_defects() -> None:
+    from twisted.logger import capturedLogs
+
+    def read(request: Request) -> Verdict:
+        assert request.message is not None
+        fired(request.message.parsed())
+        return Verdict(Action.CONTINUE)
+
+    gateway = driver(StaticFilter("reader", {Stage.DATA: read}))
+    reception = Reception(gateway.spool, gateway.config.relay, gateway.runner)
+    checks = reception.open_session(CLIENT)
+    envelope = Envelope("alice@partner.test", (Recipient("bob@example.com"),))
+    message = checks.new_message(CLIENT)
+    message.write(
+        b"Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: text/plain\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\nSGVsbG8g!!!*\r\n"
+    )
+    with capturedLogs() as events:
+        assert fired(checks.accept(CLIENT, envelope, message)).code == 250
+    lines = [e["log_format"] for e in events if "malformed" in e.get("log_format", "")]
+    assert len(lines) == 1
