@@ -416,15 +416,20 @@ def _check_transport(reader: Section, key: str, spec: str) -> None:
         raise reader.error(key, str(error)) from None
 
 
-def parse(text: str, source: str = "<config>", *, base_dir: str | None = None) -> Config:
-    """Parse and validate a configuration text; raise ConfigError naming the problem."""
+def load_toml(text: str, source: str) -> dict[str, Any]:
+    """A TOML text as a table; a syntax error is a ConfigError naming the file and line."""
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         line = re.search(r"line (\d+)", str(error))
         raise ConfigError(
             source, "", f"TOML syntax error: {error}", int(line.group(1)) if line else None
         ) from None
+
+
+def parse(text: str, source: str = "<config>", *, base_dir: str | None = None) -> Config:
+    """Parse and validate a configuration text; raise ConfigError naming the problem."""
+    data = load_toml(text, source)
     root = Section(source, text, data, "")
     base = base_dir if base_dir is not None else os.getcwd()
 

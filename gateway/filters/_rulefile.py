@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
 
-from gateway.config import ConfigError, Section
+from gateway.config import ConfigError, Section, load_toml
 
 FIELDS = ("sender", "recipient", "subject", "body", "size", "attachment")
 OPERATORS = ("regex", "equals", "contains", "in", "in_file", "above", "below")
@@ -162,13 +161,7 @@ def _headers(text: str) -> list[tuple[str, int]]:
 
 def parse_rules(text: str, source: str, base_dir: str | None = None) -> RuleSet:
     """Parse and check a rule file's text; ConfigError naming the file and line on any problem."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
-        line = re.search(r"line (\d+)", str(error))
-        raise ConfigError(
-            source, "", f"TOML syntax error: {error}", int(line.group(1)) if line else None
-        ) from None
+    data = load_toml(text, source)
     base = base_dir if base_dir is not None else os.path.dirname(os.path.abspath(source))
     total = len(text.splitlines()) + 1
     headers = _headers(text)
