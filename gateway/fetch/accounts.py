@@ -23,6 +23,7 @@ from gateway.fetch import MailboxAccount
 
 __all__ = [
     "DEFAULT_ENVELOPE_HEADERS",
+    "MAX_IDLE_FOLDERS",
     "FetchAccount",
     "FetchConfig",
     "MultidropConfig",
@@ -34,6 +35,7 @@ __all__ = [
 PROTOCOLS = ("pop3", "imap")
 TLS_MODES = ("implicit", "starttls", "none")
 REFUSALS = ("quarantine", "tag", "delete")
+MAX_IDLE_FOLDERS = 8  # one IDLE session per folder; servers cap a user's connections (Dovecot: 10)
 AUTH_MODES = {"pop3": ("auto", "user", "apop"), "imap": ("auto", "plain", "login")}
 DEFAULT_ENVELOPE_HEADERS = ("Delivered-To", "X-Original-To", "Envelope-To")
 _PORTS = {("pop3", True): 995, ("pop3", False): 110, ("imap", True): 993, ("imap", False): 143}
@@ -96,6 +98,8 @@ class FetchAccount:
     deliver_to: tuple[str, ...] = ()  # single-drop: every message to these
     multidrop: MultidropConfig | None = None
     timeout: float = 60.0  # seconds any one server answer may take
+    idle: bool = False  # IMAP: each folder watched in IDLE between polls (new mail polled within a second)
+    move_to: str = ""  # IMAP: move fetched mail to this folder instead of deleting it ("" = delete)
     postmaster: str = ""  # resolved: where refused and unknown recipients go ("" = none given)
     line: int | None = None  # where the account starts in the file, for messages at start-up
 
@@ -207,6 +211,7 @@ def _account(table: Section, defaults: FetchConfig, base_dir: str) -> FetchAccou
     folders = table.strings("folders", ("INBOX",))
     if not folders or len(set(folders)) != len(folders) or any(not folder for folder in folders):
         raise table.error("folders", "must list one or more distinct folder names")
+    idle, move_to = _imap_options(table, protocol, keep, delete_after, folders)
     deliver_to = tuple(_address(table, "deliver_to", address) for address in table.strings("deliver_to"))
     multidrop = _multidrop(table.sub("multidrop")) if "multidrop" in table.table else None
     if bool(deliver_to) == (multidrop is not None):
@@ -235,6 +240,8 @@ def _account(table: Section, defaults: FetchConfig, base_dir: str) -> FetchAccou
         deliver_to=deliver_to,
         multidrop=multidrop,
         timeout=table.duration("timeout", 60),
+        idle=idle,
+        move_to=move_to,
         postmaster=_address(table, "postmaster", table.take("postmaster", str, defaults.postmaster)),
         line=_line(table),
     )
@@ -242,6 +249,32 @@ def _account(table: Section, defaults: FetchConfig, base_dir: str) -> FetchAccou
         raise table.error("timeout", "must be longer than 0 s")
     table.done()
     return account
+
+
+def _imap_options(
+    table: Section, protocol: str, keep: bool, delete_after: float, folders: tuple[str, ...]
+) -> tuple[bool, str]:
+    """`idle` and `move_to`, which only an IMAP account may have."""
+    for key in ("idle", "move_to"):
+        if key in table.table and protocol != "imap":
+            raise table.error(key, "is for IMAP accounts only (POP3 has neither IDLE nor folders)")
+    idle = table.take("idle", bool, False)
+    if idle and len(folders) > MAX_IDLE_FOLDERS:
+        raise table.error(
+            "idle",
+            f"watches each folder on a connection of its own: at most {MAX_IDLE_FOLDERS} folders"
+            f" (this account has {len(folders)}; servers limit a user's connections)",
+        )
+    move_to = table.take("move_to", str, "")
+    if move_to in folders:
+        raise table.error("move_to", f"{move_to!r} is one of the folders fetched: its mail would come again")
+    if move_to and keep and not delete_after:
+        raise table.error(
+            "move_to",
+            "replaces the deletion on the server, and with keep = true and no delete_after"
+            " nothing is ever deleted; remove one of them",
+        )
+    return idle, move_to
 
 
 def _multidrop(table: Section) -> MultidropConfig:

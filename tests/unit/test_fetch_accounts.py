@@ -236,3 +236,46 @@ def test_unknown_keys_and_missing_required_ones(tmp_path: Path) -> None:
     assert "not a mail address" in error(account(tmp_path, target='deliver_to = ["sales"]'), tmp_path)
     nowhere = account(tmp_path, "[fetch.accounts.multidrop]\nfallback = true", target="")
     assert "local_domains: is required" in error(nowhere, tmp_path)
+
+
+def test_imap_idle_and_move_to_are_off_by_default_and_read_when_given(tmp_path: Path) -> None:
+    imap = account(tmp_path).replace('"pop3"', '"imap"')
+    [plain] = parse(imap, tmp_path).accounts
+    assert (plain.idle, plain.move_to) == (False, "")
+    text = imap + 'idle = true\nmove_to = "Fetched"\nfolders = ["INBOX", "Ventes"]\n'
+    [watched] = parse(text, tmp_path).accounts
+    assert (watched.idle, watched.move_to, watched.folders) == (True, "Fetched", ("INBOX", "Ventes"))
+
+
+@pytest.mark.parametrize(
+    ("imap", "change", "key", "words"),
+    [
+        (False, "idle = true", "idle", "IMAP accounts only"),
+        (False, 'move_to = "Archive"', "move_to", "IMAP accounts only"),
+        (True, 'move_to = "INBOX"', "move_to", "is one of the folders fetched"),
+        (True, 'keep = true\nmove_to = "Archive"', "move_to", "nothing is ever deleted"),
+        (
+            True,
+            "idle = true\nfolders = [" + ", ".join(f'"F{n}"' for n in range(9)) + "]",
+            "idle",
+            "at most 8",
+        ),
+    ],
+)
+def test_bad_idle_and_move_to_name_their_key_and_line(
+    tmp_path: Path, imap: bool, change: str, key: str, words: str
+) -> None:
+    text = account(tmp_path, change)
+    if imap:
+        text = text.replace('"pop3"', '"imap"')
+    message = error(text, tmp_path)
+    assert f"line {line_of(text, key + ' =')}: fetch.accounts[0].{key}: " in message
+    assert words in message
+
+
+def test_move_to_with_keep_applies_to_what_delete_after_would_delete(tmp_path: Path) -> None:
+    text = account(tmp_path, 'keep = true\ndelete_after = "30d"\nmove_to = "Archive"').replace(
+        '"pop3"', '"imap"'
+    )
+    [sales] = parse(text, tmp_path).accounts
+    assert (sales.keep, sales.delete_after, sales.move_to) == (True, 30 * 86400.0, "Archive")
