@@ -289,6 +289,13 @@ class Section:
         self.read[key] = parsed
         return parsed
 
+    def positive_duration(self, key: str, default: float) -> float:
+        """A duration that must be longer than 0 s."""
+        value = self.duration(key, default)
+        if value <= 0:
+            raise self.error(key, "must be longer than 0 s")
+        return value
+
     def size(self, key: str, default: int) -> int:
         value = self.table.pop(key, default)
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
@@ -632,13 +639,11 @@ def _quarantine(section: Section) -> QuarantineConfig:
             "notice_time", f'{notice_time!r} is not a time of day (write "08:00", or "" for none)'
         )
     quarantine = QuarantineConfig(
-        retention=section.duration("retention", 30 * 86400),
+        retention=section.positive_duration("retention", 30 * 86400),
         notice_time=notice_time,
         notice_to=section.take("notice_to", str, ""),
         keep_rejected=section.take("keep_rejected", bool, False),
     )
-    if quarantine.retention <= 0:
-        raise section.error("retention", "must be longer than 0 s")
     if quarantine.notice_to and "@" not in quarantine.notice_to:
         raise section.error("notice_to", f"{quarantine.notice_to!r} is not a mail address (user@domain)")
     section.done()

@@ -88,9 +88,7 @@ class AutoWhitelist:
     @classmethod
     def from_config(cls, options: Section, services: FilterServices) -> AutoWhitelist:
         clean_messages = options.positive("clean_messages", 3)
-        max_age = options.duration("max_age", 30 * 86400)
-        if max_age <= 0:
-            raise options.error("max_age", "must be longer than 0 s")
+        max_age = options.positive_duration("max_age", 30 * 86400)
         ipv4_prefix, ipv6_prefix = prefixes(options)
         return cls(
             lambda: services.store,  # opened at the first check, not when the chain is built

@@ -114,8 +114,8 @@ class ClamAV:
     def from_config(cls, options: Section, services: FilterServices) -> ClamAV:
         server = options.take("server", str, "unix:/var/run/clamav/clamd.ctl")
         max_connections = options.positive("max_connections", 10)
-        connect_timeout = _positive_duration(options, "connect_timeout", 5)
-        scan_timeout = _positive_duration(options, "scan_timeout", 20)
+        connect_timeout = options.positive_duration("connect_timeout", 5)
+        scan_timeout = options.positive_duration("scan_timeout", 20)
         scope = options.choice("scope", SCOPES, "message")
         action = options.choice("action", ACTIONS, "reject")
         notify = options.strings("notify", ("postmaster",))

@@ -81,9 +81,7 @@ class Greylist:
         retry_window = options.duration("retry_window", 2 * 86400)
         if retry_window <= delay:
             raise options.error("retry_window", f"must be longer than delay ({delay:g} s)")
-        max_age = options.duration("max_age", 35 * 86400)
-        if max_age <= 0:
-            raise options.error("max_age", "must be longer than 0 s")
+        max_age = options.positive_duration("max_age", 35 * 86400)
         auto_whitelist_clients = options.take("auto_whitelist_clients", int, 1)
         if auto_whitelist_clients < 0:
             raise options.error("auto_whitelist_clients", "must be 0 (never) or more")

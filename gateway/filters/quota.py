@@ -104,9 +104,7 @@ class Quota:
         recipients = options.take("recipients", int, 1000)
         if recipients < 0:
             raise options.error("recipients", "must be 0 (no limit) or more")
-        period = options.duration("period", 3600)
-        if period <= 0:
-            raise options.error("period", "must be longer than 0 s")
+        period = options.positive_duration("period", 3600)
         return cls(
             lambda: services.store,  # opened at the first check, not when the chain is built
             services.reactor,

@@ -73,8 +73,8 @@ class SpamAssassin:
     def from_config(cls, options: Section, services: FilterServices) -> SpamAssassin:
         server = options.take("server", str, "tcp:127.0.0.1:783")
         max_connections = options.positive("max_connections", 5)
-        connect_timeout = _positive_duration(options, "connect_timeout", 5)
-        scan_timeout = _positive_duration(options, "scan_timeout", 20)
+        connect_timeout = options.positive_duration("connect_timeout", 5)
+        scan_timeout = options.positive_duration("scan_timeout", 20)
         user = options.take("user", str, "")
         spam_score = options.take("spam_score", float, 8.0)
         delete_score = options.take("delete_score", float, 12.0)
@@ -157,13 +157,6 @@ class SpamAssassin:
             headers=((self.header, summary),),
             subject_prefix=self.subject_prefix,
         )
-
-
-def _positive_duration(options: Section, key: str, default: float) -> float:
-    value = options.duration(key, default)
-    if value <= 0:
-        raise options.error(key, "must be longer than 0 s")
-    return value
 
 
 def _header_name(name: str) -> bool:
