@@ -14,9 +14,27 @@ folder in turn):
    whose reception answered 250 is recorded as seen; one that got a 4xx is
    left for the next poll;
 5. mark for deletion what is durable in our queue (keep = false), or, with
-   keep = true and `delete_after`, what was first fetched that long ago;
+   keep = true and `delete_after`, what was first fetched that long ago; an
+   IMAP account with `move_to` moves those messages to that folder instead
+   (UID MOVE, at once: they are durable in our queue already);
 6. close: the server deletes only now (POP3 QUIT, IMAP EXPUNGE). A poll that
    fails anywhere aborts the session, and nothing is deleted.
+
+IMAP IDLE (`idle = true`): after a successful poll, each folder of the
+account is watched by a session of its own in IDLE (RFC 2177). New mail
+there (EXISTS) polls that folder, on a separate session as any poll, within
+`IDLE_SETTLE` (changes that come together make one poll; a change during a
+poll of the account runs another right after it). A watcher, once in IDLE,
+polls its folder once too: mail that came between the poll's listing and
+the watcher's SELECT is not missed. The timer keeps polling every interval
+as a fallback. A watcher that drops is opened again after `IDLE_RETRY`,
+doubled per failure up to `MAX_BACKOFF` (reset by an IDLE that lasted
+`IDLE_STABLE`); a server without IDLE is logged once and left to the timer.
+A watcher holds one of the server's `per_server_sessions` only while it
+connects and logs in, not while it waits in IDLE (it sends nothing then):
+there is one per folder of each idle account, at most `MAX_IDLE_FOLDERS` per
+account (the config's bound). Stopping the service ends each IDLE (DONE,
+then LOGOUT; dropped if that takes over `IDLE_STOP`).
 
 A failed poll backs the account off (its interval doubled per failure, up to
 30 minutes; back to normal after a success). Three refused logins in a row
@@ -28,7 +46,7 @@ request runs right after it. `status()` gives each account's counters.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from twisted.application.service import Service
@@ -51,6 +69,10 @@ MAX_BACKOFF = 30 * 60.0  # a failing account is tried at least this often
 ALERT_AFTER = 3  # refused logins in a row before the alert line
 FIRST_POLL = 1.0  # seconds after start of the first account's first poll
 SPREAD = 30.0  # the first polls of all accounts are spread over at most this
+IDLE_SETTLE = 0.25  # seconds from a change seen in IDLE to the poll (EXISTS and RECENT come together)
+IDLE_RETRY = 5.0  # seconds before a dropped IDLE watcher is opened again (doubled per failure)
+IDLE_STABLE = 60.0  # an IDLE that lasted this long was no failure: the retry delay starts over
+IDLE_STOP = 5.0  # seconds DONE and LOGOUT may take when the service stops
 
 Connector = Callable[[MailboxAccount, Any], Deferred[Any]]
 
@@ -74,6 +96,7 @@ class PollResult:
     left: int = 0  # refused for now (4xx): left on the server for the next poll
     oversized: int = 0
     error: str | None = None
+    moved: int = 0  # moved to the account's move_to folder (IMAP) instead of deleted
 
     def as_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -88,9 +111,12 @@ class _Tally:
     deleted: int = 0
     left: int = 0
     oversized: int = 0
+    moved: int = 0
 
     def result(self, account: str) -> PollResult:
-        return PollResult(account, self.messages, self.octets, self.deleted, self.left, self.oversized)
+        return PollResult(
+            account, self.messages, self.octets, self.deleted, self.left, self.oversized, moved=self.moved
+        )
 
 
 @attrs.define
@@ -102,6 +128,19 @@ class _Counters:
     last_error: str | None = None
     last_error_time: float | None = None
     last_success: float | None = None
+
+
+@attrs.define(eq=False)
+class _Watcher:
+    """One folder of an idle = true account, watched in IDLE between polls."""
+
+    folder: str
+    session: Any = None  # the ImapSession in IDLE (None: opening it, waiting to retry, or none)
+    opening: Deferred[None] | None = None  # from connecting until its IDLE ends
+    retry: IDelayedCall | None = None
+    failures: int = 0  # drops in a row (the retry backoff)
+    since: float = 0.0  # when its IDLE began
+    unsupported: bool = False  # the server has no IDLE: the timer alone polls
 
 
 @attrs.define(eq=False)
@@ -119,6 +158,9 @@ class _AccountState:
     sessions: set[Any] = attrs.field(factory=set)  # open mailbox sessions (aborted at stop)
     counters: _Counters = attrs.field(factory=_Counters)
     next_poll: float | None = None
+    watchers: dict[str, _Watcher] = attrs.field(factory=dict)  # IDLE, by folder
+    pending: dict[str, None] = attrs.field(factory=dict)  # folders to poll (an ordered set)
+    settle: IDelayedCall | None = None  # the poll of `pending`, soon
 
 
 class FetchService(Service):
@@ -173,13 +215,16 @@ class FetchService(Service):
         self._stopping = True
         running = []
         for state in self.accounts.values():
-            if state.timer is not None and state.timer.active():
-                state.timer.cancel()
-            state.timer = None
+            for call in (state.timer, state.settle):
+                if call is not None and call.active():
+                    call.cancel()
+            state.timer = state.settle = None
+            state.pending.clear()
             for session in list(state.sessions):
                 session.abort()  # nothing is deleted on a dropped session
             if state.running is not None:
                 running.append(_settled(state.running))
+            running.extend(self._stop_watching(state))
         return DeferredList(running).addCallback(lambda _: None)
 
     # -- on demand ------------------------------------------------------------------------------------
@@ -237,6 +282,8 @@ class FetchService(Service):
         state.timer = None
         if state.running is None:
             self._start(state)
+        else:  # a poll of some folders (IDLE): all of them right after it
+            state.pending.update(dict.fromkeys(self._folders(state.account)))
 
     def _request(self, state: _AccountState) -> Deferred[PollResult]:
         asked: Deferred[PollResult] = Deferred()
@@ -247,14 +294,22 @@ class FetchService(Service):
             self._start(state)
         return asked
 
-    def _start(self, state: _AccountState) -> None:
-        if state.timer is not None and state.timer.active():
-            state.timer.cancel()
-        state.timer = None
-        state.next_poll = None
-        running = Deferred.fromCoroutine(self._poll(state))
+    def _start(self, state: _AccountState, folders: tuple[str, ...] | None = None) -> None:
+        """Poll the account: all its folders (the timer's poll, rescheduled after), or some (IDLE)."""
+        if folders is None:
+            folders = self._folders(state.account)
+            if state.timer is not None and state.timer.active():
+                state.timer.cancel()
+            state.timer = None
+            state.next_poll = None
+        state.pending.clear()  # the listing comes later: what changed until now is in this poll
+        running = Deferred.fromCoroutine(self._poll(state, folders))
         state.running = running
         running.addBoth(self._finished, state)
+
+    @staticmethod
+    def _folders(account: FetchAccount) -> tuple[str, ...]:
+        return account.folders if account.protocol == "imap" else ("INBOX",)
 
     def _finished(self, outcome: PollResult | Failure, state: _AccountState) -> None:
         state.running = None
@@ -273,18 +328,23 @@ class FetchService(Service):
             state.waiting, state.again = state.again, []
             self._start(state)
             return
+        if state.pending and state.settle is None:
+            self._start(state, self._pending(state))
+            return
         if not self.running:
             return  # polled on demand before the service started: the timers start with it
+        if outcome.error is None:
+            self._watch(state)
         interval = state.account.interval
         delay = max(interval, min(interval * 2**state.failures, MAX_BACKOFF)) if state.failures else interval
-        self._schedule(state, delay)
+        if state.timer is None or not state.timer.active() or state.failures:
+            self._schedule(state, delay)  # (a poll of some folders leaves the timer's poll of all)
 
     # -- one poll -------------------------------------------------------------------------------------
 
-    async def _poll(self, state: _AccountState) -> PollResult:
+    async def _poll(self, state: _AccountState, folders: tuple[str, ...]) -> PollResult:
         account = state.account
         state.counters.polls += 1
-        folders = account.folders if account.protocol == "imap" else ("INBOX",)
         tally = _Tally()
         try:
             for folder in folders:
@@ -334,9 +394,7 @@ class FetchService(Service):
 
     async def _folder(self, state: _AccountState, folder: str, tally: _Tally) -> None:
         account = state.account
-        server = self._servers.setdefault(
-            account.server.lower(), DeferredSemaphore(self.config.per_server_sessions)
-        )
+        server = self._server(account)
         await server.acquire()
         try:
             mailbox: IMailboxSession = await self.connect[account.protocol](
@@ -393,10 +451,132 @@ class FetchService(Service):
                     reply=result.reply,
                 )
         doomed = list(self._to_delete(account, listed, seen))
-        if doomed:
+        if doomed and account.move_to:
+            await cast(Any, mailbox).move(doomed, account.move_to)  # ImapSession.move (the config: IMAP)
+            tally.moved += len(doomed)
+        elif doomed:
             await mailbox.delete(doomed)
+            tally.deleted += len(doomed)
         await seen.flush()
-        tally.deleted += len(doomed)
+
+    def _server(self, account: FetchAccount) -> DeferredSemaphore:
+        """The sessions a server may have at once (polls, and IDLE watchers logging in)."""
+        return self._servers.setdefault(
+            account.server.lower(), DeferredSemaphore(self.config.per_server_sessions)
+        )
+
+    # -- IMAP IDLE ------------------------------------------------------------------------------------
+
+    def _watch(self, state: _AccountState) -> None:
+        """After a successful poll: each folder of an idle account watched in IDLE, if it is not yet."""
+        account = state.account
+        if not account.idle or account.protocol != "imap" or self._stopping:
+            return
+        for folder in account.folders:
+            watcher = state.watchers.setdefault(folder, _Watcher(folder))
+            idle = watcher.opening is None and watcher.retry is None
+            if idle and not watcher.unsupported:
+                self._open_watcher(state, watcher)
+
+    def _open_watcher(self, state: _AccountState, watcher: _Watcher) -> None:
+        watcher.retry = None
+        opening = Deferred.fromCoroutine(self._idle(state, watcher))
+        watcher.opening = opening
+        opening.addBoth(self._idle_ended, state, watcher)
+
+    async def _idle(self, state: _AccountState, watcher: _Watcher) -> None:
+        """Connect, log in and wait in IDLE until the session ends (or the server has no IDLE)."""
+        account = state.account
+        server = self._server(account)
+        await server.acquire()  # counted while it logs in, not while it waits
+        try:
+            session = await self.connect["imap"](account.mailbox(watcher.folder), self.clock)
+        finally:
+            server.release()
+        if self._stopping:
+            await session.close()
+            return
+        if "IDLE" not in session.capabilities:
+            watcher.unsupported = True
+            log.warn(
+                "fetch: {account}: {server} does not offer IDLE: {folder} is polled every {interval:g} s",
+                account=account.name,
+                server=account.server,
+                folder=watcher.folder,
+                interval=account.interval,
+            )
+            await session.close()
+            return
+        watcher.session = session
+        watcher.since = self.clock.seconds()
+        ended = session.idle(lambda: self._changed(state, watcher.folder))
+        self._changed(state, watcher.folder)  # what came since the last poll listed the folder
+        await ended
+
+    def _idle_ended(self, outcome: Failure | None, state: _AccountState, watcher: _Watcher) -> None:
+        session, watcher.session = watcher.session, None
+        watcher.opening = None
+        if self._stopping or watcher.unsupported:
+            return
+        if session is not None:
+            session.abort()  # whatever ended the IDLE, the connection goes with it
+            if self.clock.seconds() - watcher.since >= IDLE_STABLE:
+                watcher.failures = 0
+        watcher.failures += 1
+        delay = min(IDLE_RETRY * 2 ** (watcher.failures - 1), MAX_BACKOFF)
+        why = outcome.getErrorMessage() if isinstance(outcome, Failure) else "the server ended it"
+        log.warn(
+            "fetch: {account}: IDLE on {folder} ended ({error}): opened again in {delay:g} s",
+            account=state.account.name,
+            folder=watcher.folder,
+            error=why,
+            delay=delay,
+        )
+        watcher.retry = self.clock.callLater(delay, self._open_watcher, state, watcher)
+
+    def _changed(self, state: _AccountState, folder: str) -> None:
+        """New mail in a watched folder: poll it soon (once for changes that come together)."""
+        if self._stopping:
+            return
+        state.pending[folder] = None
+        if state.settle is None:
+            state.settle = self.clock.callLater(IDLE_SETTLE, self._settled_change, state)
+
+    def _settled_change(self, state: _AccountState) -> None:
+        state.settle = None
+        if state.running is None and state.pending:
+            self._start(state, self._pending(state))
+        # else: the poll under way starts it when it ends (_finished)
+
+    def _pending(self, state: _AccountState) -> tuple[str, ...]:
+        return tuple(folder for folder in self._folders(state.account) if folder in state.pending)
+
+    def _stop_watching(self, state: _AccountState) -> list[Deferred[None]]:
+        """End every IDLE of the account (DONE, LOGOUT); what fires when each has ended."""
+        ending = []
+        for watcher in state.watchers.values():
+            if watcher.retry is not None and watcher.retry.active():
+                watcher.retry.cancel()
+            watcher.retry = None
+            session = watcher.session
+            if session is not None:
+                closing: Deferred[None] = session.close()
+                closing.addErrback(lambda _failure: None)  # at stop, a session lost is no news
+                ending.append(self._bounded(closing, session))
+            if watcher.opening is not None:
+                ending.append(_settled(watcher.opening))
+        return ending
+
+    def _bounded(self, closing: Deferred[None], session: Any) -> Deferred[None]:
+        """`closing`, the session dropped if it takes over IDLE_STOP."""
+        timer = self.clock.callLater(IDLE_STOP, session.abort)
+
+        def over(result: None) -> None:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return closing.addBoth(over)
 
     def _to_delete(
         self, account: FetchAccount, listed: list[RemoteMessage], seen: Any

@@ -46,6 +46,7 @@ def fired(deferred: Deferred[Any]) -> Any:
 class Mailbox:
     messages: list[tuple[str, bytes]] = attrs.field(factory=list)  # (uid, content), server order
     next_uid: int = 1
+    idling: list[MemoryMailboxSession] = attrs.field(factory=list)  # sessions in IDLE on it
 
 
 class MemoryMailServer:
@@ -62,13 +63,25 @@ class MemoryMailServer:
         self.connect_error: Exception | None = None
         self.drop_at: str | None = None  # a uid whose retrieval loses the connection
         self.retrieved: list[str] = []
+        self.capabilities = frozenset({"UIDL", "IDLE", "MOVE"})
+        self.logouts: list[tuple[str, bool]] = []  # (folder, whether it left IDLE with DONE first)
 
     def deliver(self, user: str, content: bytes, folder: str = "INBOX") -> str:
         box = self.mailboxes.setdefault((user, folder), Mailbox())
         uid = f"{folder}-{box.next_uid}"
         box.next_uid += 1
         box.messages.append((uid, content))
+        for session in list(box.idling):
+            session.tell()
         return uid
+
+    def idling(self, user: str, folder: str = "INBOX") -> list[MemoryMailboxSession]:
+        return list(self.mailboxes.get((user, folder), Mailbox()).idling)
+
+    def drop_idle(self, user: str, folder: str = "INBOX") -> None:
+        """The server (or the network) drops the sessions in IDLE on this folder."""
+        for session in self.idling(user, folder):
+            session.drop(FetchError("lost connection with imap.example.net:993"))
 
     def contents(self, user: str, folder: str = "INBOX") -> list[bytes]:
         return [content for _uid, content in self.mailboxes.get((user, folder), Mailbox()).messages]
@@ -80,7 +93,10 @@ class MemoryMailServer:
         if self.passwords.get(account.username) != account.password:
             return fail(AuthenticationFailed(f"{account.host} refused the login of {account.username}"))
         session = MemoryMailboxSession(
-            self, self.mailboxes.setdefault((account.username, account.folder), Mailbox())
+            self,
+            self.mailboxes.setdefault((account.username, account.folder), Mailbox()),
+            account.username,
+            account.folder,
         )
         self.open_sessions += 1
         self.most_open = max(self.most_open, self.open_sessions)
@@ -93,15 +109,21 @@ class MemoryMailServer:
 
 @implementer(IMailboxSession)
 class MemoryMailboxSession:
-    """An IMailboxSession on a Mailbox: deletions happen at close, nothing at abort."""
+    """An IMailboxSession on a Mailbox: deletions happen at close, nothing at abort.
 
-    capabilities = frozenset({"UIDL"})
+    Beyond the interface, what ImapSession adds: `move` (at once) and `idle`/`done`.
+    """
 
-    def __init__(self, server: MemoryMailServer, box: Mailbox) -> None:
+    def __init__(self, server: MemoryMailServer, box: Mailbox, user: str, folder: str) -> None:
         self.server = server
         self.box = box
+        self.user = user
+        self.folder = folder
+        self.capabilities = server.capabilities
         self.marked: set[str] = set()
         self.ended = False
+        self.on_change: Callable[[], None] | None = None
+        self.idle_ended: Deferred[None] | None = None
 
     def list_messages(self) -> Deferred[list[RemoteMessage]]:
         return succeed(
@@ -125,11 +147,47 @@ class MemoryMailboxSession:
         return succeed(None)
 
     def close(self) -> Deferred[None]:
+        idling = self.idle_ended is not None
+        self.done()
         self.box.messages = [(uid, content) for uid, content in self.box.messages if uid not in self.marked]
+        if idling:
+            self.server.logouts.append((self.folder, True))
         self._end()
         return succeed(None)
 
     def abort(self) -> None:
+        self.drop(FetchError("session aborted"))
+
+    def move(self, messages: list[RemoteMessage], folder: str) -> Deferred[None]:
+        uids = {message.uid for message in messages}
+        target = self.server.mailboxes.setdefault((self.user, folder), Mailbox())
+        target.messages.extend((uid, content) for uid, content in self.box.messages if uid in uids)
+        self.box.messages = [(uid, content) for uid, content in self.box.messages if uid not in uids]
+        return succeed(None)
+
+    def idle(self, on_change: Callable[[], None]) -> Deferred[None]:
+        assert self.idle_ended is None and not self.ended, "IDLE twice, or on an ended session"
+        self.on_change = on_change
+        self.idle_ended = Deferred()
+        self.box.idling.append(self)
+        return self.idle_ended
+
+    def done(self) -> Deferred[None]:
+        ended, self.idle_ended = self.idle_ended, None
+        if ended is not None:
+            self.box.idling.remove(self)
+            ended.callback(None)
+        return succeed(None)
+
+    def tell(self) -> None:
+        assert self.on_change is not None
+        self.on_change()
+
+    def drop(self, error: FetchError) -> None:
+        ended, self.idle_ended = self.idle_ended, None
+        if ended is not None:
+            self.box.idling.remove(self)
+            ended.errback(error)
         self._end()
 
     def _end(self) -> None:
@@ -603,3 +661,158 @@ def test_stopping_aborts_a_poll_under_way_and_deletes_nothing(tmp_path: Path) ->
     fired(stopped)
     assert gateway.server.contents("sales") == [message(1)] and gateway.server.open_sessions == 0
     assert gateway.clock.getDelayedCalls() == [] and os.path.isdir(tmp_path)
+
+
+# -- IMAP: IDLE and move_to ------------------------------------------------------------------------------
+
+
+def watched(name: str = "sales", **changes: Any) -> FetchAccount:
+    values: dict[str, Any] = {
+        "protocol": "imap",
+        "server": "imap.example.net",
+        "port": 993,
+        "idle": True,
+        "folders": ("INBOX", "Ventes"),
+        "interval": 3600.0,
+    }
+    values.update(changes)
+    return account(name, **values)
+
+
+def started(gateway: Gateway) -> Gateway:
+    """The service started, its first poll done and its IDLE watchers settled in."""
+    gateway.service.startService()
+    gateway.clock.advance(1)  # the first poll, then a watcher per folder
+    gateway.clock.advance(poller_module.IDLE_SETTLE)  # each watcher's own look at its folder
+    return gateway
+
+
+def test_idle_watches_every_folder_after_the_first_poll_and_new_mail_is_fetched_within_a_second() -> None:
+    gateway = started(Gateway(watched(), watched("other", folders=("INBOX",))))
+    gateway.clock.advance(poller_module.SPREAD)  # the other account's first poll, and its watcher
+    next_poll = gateway.service.status()["sales"]["next_poll"]
+    assert [len(gateway.server.idling(user, folder)) for user, folder in gateway.server.mailboxes] == [
+        1,
+        1,
+        1,
+    ]
+    connects = len(gateway.server.connects)
+    gateway.server.deliver("sales", message(1), folder="Ventes")
+    gateway.server.deliver("sales", message(2), folder="Ventes")  # together: one poll
+    gateway.server.deliver("other", message(3))
+    assert gateway.bodies() == []
+    gateway.clock.advance(poller_module.IDLE_SETTLE)
+    assert sorted(gateway.bodies()) == [message(1), message(2), message(3)]
+    polled = [(each.username, each.folder) for each in gateway.server.connects[connects:]]
+    assert sorted(polled) == [("other", "INBOX"), ("sales", "Ventes")]  # only the folders that changed
+    assert gateway.server.contents("sales", "Ventes") == [] and gateway.server.idling("sales", "Ventes")
+    assert gateway.service.status()["sales"]["next_poll"] == next_poll  # the hourly poll stays as it was
+
+
+def test_mail_arriving_while_a_poll_runs_is_polled_right_after_it() -> None:
+    gateway = started(Gateway(watched(folders=("INBOX",))))
+    gateway.server.hold_connects = True
+    gateway.server.deliver("sales", message(1))
+    gateway.clock.advance(poller_module.IDLE_SETTLE)  # a poll starts, connecting
+    gateway.server.deliver("sales", message(2))  # listed by that poll
+    gateway.clock.advance(poller_module.IDLE_SETTLE)
+    assert len(gateway.server.held) == 1  # never two polls of one account at once
+    gateway.server.held.pop().callback(None)
+    assert gateway.bodies() == [message(1), message(2)]
+    assert len(gateway.server.held) == 1  # the change during the poll: one more poll right after
+    gateway.server.deliver("sales", message(3))  # (before that poll lists the folder)
+    gateway.server.held.pop().callback(None)
+    assert gateway.bodies() == [message(1), message(2), message(3)]
+    gateway.clock.advance(poller_module.IDLE_SETTLE)
+    assert len(gateway.server.held) == 1  # (the change seen during that poll: one more look, finding none)
+    gateway.server.held.pop().callback(None)
+    gateway.clock.advance(poller_module.IDLE_SETTLE)
+    assert gateway.server.held == [] and gateway.bodies() == [message(1), message(2), message(3)]
+
+
+def test_the_timer_still_polls_every_interval_beside_idle() -> None:
+    gateway = started(Gateway(watched()))
+    connects = len(gateway.server.connects)
+    gateway.server.mailboxes["sales", "INBOX"].messages.append(("INBOX-99", message(9)))  # IDLE missed it
+    gateway.clock.advance(3600)
+    assert [each.folder for each in gateway.server.connects[connects:]] == ["INBOX", "Ventes"]
+    assert gateway.bodies() == [message(9)]
+
+
+def test_a_dropped_idle_is_opened_again_with_backoff_and_looks_at_its_folder(events: list[str]) -> None:
+    gateway = started(Gateway(watched(folders=("INBOX",))))
+    gateway.server.drop_idle("sales")
+    gateway.server.connect_error = FetchError("cannot connect to imap.example.net:993: Connection refused")
+    waits = []
+    for _ in range(3):
+        now = gateway.clock.seconds()
+        due = [call for call in gateway.clock.getDelayedCalls() if call.getTime() - now < 3000]
+        [retry] = due
+        waits.append(retry.getTime() - gateway.clock.seconds())
+        gateway.clock.advance(waits[-1])
+    assert waits == [5.0, 10.0, 20.0]
+    assert (
+        "fetch: sales: IDLE on INBOX ended (lost connection with imap.example.net:993): opened again in 5 s"
+        in events
+    )
+    gateway.server.connect_error = None
+    gateway.server.mailboxes["sales", "INBOX"].messages.append(("INBOX-99", message(9)))  # came meanwhile
+    gateway.clock.advance(40)
+    assert len(gateway.server.idling("sales")) == 1
+    gateway.clock.advance(poller_module.IDLE_SETTLE)
+    assert gateway.bodies() == [message(9)]
+    gateway.server.deliver("sales", message(10))
+    gateway.clock.advance(poller_module.IDLE_SETTLE)
+    assert gateway.bodies() == [message(9), message(10)]
+
+
+def test_idle_sessions_do_not_hold_the_per_server_sessions() -> None:
+    gateway = started(Gateway(watched(), per_server_sessions=1))
+    assert gateway.server.open_sessions == 2  # both folders in IDLE
+    gateway.server.deliver("sales", message(1))
+    gateway.clock.advance(poller_module.IDLE_SETTLE)
+    assert gateway.bodies() == [message(1)] and gateway.server.most_open == 3
+
+
+def test_stopping_ends_every_idle_with_done_and_logout() -> None:
+    gateway = started(Gateway(watched()))
+    fired(gateway.service.stopService())
+    assert sorted(gateway.server.logouts) == [("INBOX", True), ("Ventes", True)]
+    assert gateway.server.open_sessions == 0 and gateway.clock.getDelayedCalls() == []
+    gateway.server.deliver("sales", message(1))
+    assert gateway.clock.getDelayedCalls() == [] and gateway.bodies() == []
+
+
+def test_a_server_without_idle_is_said_once_and_left_to_the_timer(events: list[str]) -> None:
+    gateway = Gateway(watched(folders=("INBOX",)))
+    gateway.server.capabilities = frozenset({"UIDL"})
+    started(gateway)
+    assert gateway.server.open_sessions == 0
+    gateway.clock.advance(3600)
+    assert [line for line in events if "IDLE" in line] == [
+        "fetch: sales: imap.example.net does not offer IDLE: INBOX is polled every 3600 s"
+    ]
+    [timer] = gateway.clock.getDelayedCalls()
+    assert timer.getTime() - gateway.clock.seconds() == 3600
+
+
+def test_move_to_moves_fetched_mail_there_instead_of_deleting_it() -> None:
+    gateway = Gateway(watched(idle=False, folders=("INBOX",), move_to="Fetched"))
+    gateway.server.deliver("sales", message(1))
+    [result] = gateway.poll()
+    assert (result["messages"], result["moved"], result["deleted"]) == (1, 1, 0)
+    assert gateway.server.contents("sales") == [] and gateway.server.contents("sales", "Fetched") == [
+        message(1)
+    ]
+    assert gateway.poll()[0]["messages"] == 0 and gateway.bodies() == [message(1)]
+
+
+def test_move_to_with_keep_moves_what_delete_after_would_delete() -> None:
+    gateway = Gateway(
+        watched(idle=False, folders=("INBOX",), keep=True, delete_after=86400.0, move_to="Fetched")
+    )
+    gateway.server.deliver("sales", message(1))
+    assert gateway.poll()[0]["moved"] == 0
+    gateway.clock.advance(86400)
+    assert gateway.poll()[0]["moved"] == 1
+    assert gateway.server.contents("sales", "Fetched") == [message(1)] and gateway.bodies() == [message(1)]
