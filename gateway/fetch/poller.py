@@ -52,6 +52,7 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, gatherResults
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -213,7 +214,8 @@ class FetchService(Service):
     def stopService(self) -> Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]
         self._stopping = True
-        running = []
+        running: list[Deferred[None]] = []
+        watching: list[Deferred[None]] = []
         for state in self.accounts.values():
             for call in (state.timer, state.settle):
                 if call is not None and call.active():
@@ -224,8 +226,14 @@ class FetchService(Service):
                 session.abort()  # nothing is deleted on a dropped session
             if state.running is not None:
                 running.append(_settled(state.running))
-            running.extend(self._stop_watching(state))
-        return DeferredList(running).addCallback(lambda _: None)
+            watching.extend(self._stop_watching(state))
+        stopped = DeferredList([*running, *watching]).addCallback(lambda _: None)
+        if watching:
+            # An IDLE ends within the connection's dataReceived (the server's answer to DONE or
+            # LOGOUT); the reactor's shutdown goes on when this fires, dropping every connection
+            # at once: not from inside that dataReceived (Twisted's TLS layer breaks on it).
+            stopped.addCallback(lambda _: deferLater(self.clock, 0, lambda: None))
+        return stopped
 
     # -- on demand ------------------------------------------------------------------------------------
 
@@ -511,6 +519,7 @@ class FetchService(Service):
         watcher.since = self.clock.seconds()
         ended = session.idle(lambda: self._changed(state, watcher.folder))
         self._changed(state, watcher.folder)  # what came since the last poll listed the folder
+        log.info("fetch: {account}: watching {folder} in IDLE", account=account.name, folder=watcher.folder)
         await ended
 
     def _idle_ended(self, outcome: Failure | None, state: _AccountState, watcher: _Watcher) -> None:

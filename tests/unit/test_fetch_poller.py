@@ -776,7 +776,9 @@ def test_idle_sessions_do_not_hold_the_per_server_sessions() -> None:
 
 def test_stopping_ends_every_idle_with_done_and_logout() -> None:
     gateway = started(Gateway(watched()))
-    fired(gateway.service.stopService())
+    stopped = gateway.service.stopService()
+    gateway.clock.advance(0)  # (it fires on the next turn: not from within a connection's dataReceived)
+    fired(stopped)
     assert sorted(gateway.server.logouts) == [("INBOX", True), ("Ventes", True)]
     assert gateway.server.open_sessions == 0 and gateway.clock.getDelayedCalls() == []
     gateway.server.deliver("sales", message(1))
