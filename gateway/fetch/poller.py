@@ -275,6 +275,7 @@ class FetchService(Service):
                 "running": state.running is not None,
                 "failures_in_a_row": state.failures,
                 "next_poll": state.next_poll,
+                "idle": sorted(folder for folder, w in state.watchers.items() if w.session is not None),
             }
         return report
 

@@ -691,11 +691,9 @@ def test_idle_watches_every_folder_after_the_first_poll_and_new_mail_is_fetched_
     gateway = started(Gateway(watched(), watched("other", folders=("INBOX",))))
     gateway.clock.advance(poller_module.SPREAD)  # the other account's first poll, and its watcher
     next_poll = gateway.service.status()["sales"]["next_poll"]
-    assert [len(gateway.server.idling(user, folder)) for user, folder in gateway.server.mailboxes] == [
-        1,
-        1,
-        1,
-    ]
+    watching = [len(gateway.server.idling(user, folder)) for user, folder in gateway.server.mailboxes]
+    assert watching == [1, 1, 1]
+    assert gateway.service.status()["sales"]["idle"] == ["INBOX", "Ventes"]  # (mailgatectl fetch status)
     connects = len(gateway.server.connects)
     gateway.server.deliver("sales", message(1), folder="Ventes")
     gateway.server.deliver("sales", message(2), folder="Ventes")  # together: one poll
