@@ -31,6 +31,8 @@ def run(args: argparse.Namespace, call: Call) -> None:
         for result in call({"command": "fetch.now", "account": args.account}, timeout=3600):
             line = f"{result['account']}: {result['messages']} message(s)"
             line += f", {result['deleted']} deleted on the server"
+            if result.get("moved"):
+                line += f", {result['moved']} moved"
             if result.get("left"):
                 line += f", {result['left']} left for the next poll"
             if result.get("oversized"):
@@ -47,5 +49,6 @@ def run(args: argparse.Namespace, call: Call) -> None:
             f"{name} ({state['protocol']} {state['username']}@{state['server']}): polls {state['polls']},"
             f" messages {state['messages']}, bytes {state['bytes']}, errors {state['errors']};"
             f" last success {_when(state['last_success'])}"
+            + (f"; in IDLE: {', '.join(state['idle'])}" if state.get("idle") else "")
             + (f"; last error: {state['last_error']}" if state.get("last_error") else "")
         )
