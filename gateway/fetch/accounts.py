@@ -32,17 +32,24 @@ __all__ = [
     "read_passwords",
 ]
 
-PROTOCOLS = ("pop3", "imap")
+PROTOCOLS = ("pop3", "imap", "pop2")
 TLS_MODES = ("implicit", "starttls", "none")
 REFUSALS = ("quarantine", "tag", "delete")
 MAX_IDLE_FOLDERS = 8  # one IDLE session per folder; servers cap a user's connections (Dovecot: 10)
-AUTH_MODES = {"pop3": ("auto", "user", "apop"), "imap": ("auto", "plain", "login")}
+AUTH_MODES = {"pop3": ("auto", "user", "apop"), "imap": ("auto", "plain", "login"), "pop2": ("auto",)}
 DEFAULT_ENVELOPE_HEADERS = ("Delivered-To", "X-Original-To", "Envelope-To")
-_PORTS = {("pop3", True): 995, ("pop3", False): 110, ("imap", True): 993, ("imap", False): 143}
+_PORTS = {
+    ("pop3", True): 995,
+    ("pop3", False): 110,
+    ("imap", True): 993,
+    ("imap", False): 143,
+    ("pop2", True): 109,  # POP2 over TLS has no port of its own
+    ("pop2", False): 109,
+}
 
 
 def default_port(protocol: str, tls: str) -> int:
-    """The standard port: 995/110 for POP3, 993/143 for IMAP (implicit TLS or not)."""
+    """The standard port: 995/110 for POP3, 993/143 for IMAP (implicit TLS or not), 109 for POP2."""
     return _PORTS[(protocol, tls == "implicit")]
 
 
@@ -174,6 +181,10 @@ def _account(table: Section, defaults: FetchConfig, base_dir: str) -> FetchAccou
     if not server:
         raise table.error("server", 'is required (like "pop.example.net")')
     tls = table.choice("tls", TLS_MODES, "implicit")
+    if protocol == "pop2" and tls == "starttls":
+        raise table.error(
+            "tls", 'POP2 has no STARTTLS: "implicit" (a TLS-wrapped port) or "none" with insecure'
+        )
     insecure = table.take("insecure", bool, False)
     if tls == "none" and not insecure:
         raise table.error(
@@ -207,7 +218,7 @@ def _account(table: Section, defaults: FetchConfig, base_dir: str) -> FetchAccou
             "delete_after", "only applies to kept mail (keep = true); without keep all is deleted"
         )
     if "folders" in table.table and protocol != "imap":
-        raise table.error("folders", "is for IMAP accounts only (a POP3 maildrop has no folders)")
+        raise table.error("folders", "is for IMAP accounts only (a POP3 or POP2 maildrop has no folders)")
     folders = table.strings("folders", ("INBOX",))
     if not folders or len(set(folders)) != len(folders) or any(not folder for folder in folders):
         raise table.error("folders", "must list one or more distinct folder names")

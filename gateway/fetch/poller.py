@@ -79,11 +79,12 @@ Connector = Callable[[MailboxAccount, Any], Deferred[Any]]
 
 
 def default_connectors() -> dict[str, Connector]:
-    """The protocol clients: "pop3" and "imap"."""
+    """The protocol clients: "pop3", "imap" and "pop2"."""
     from gateway.fetch.imap import connect_imap
+    from gateway.fetch.pop2 import connect_pop2
     from gateway.fetch.pop3 import connect_pop3
 
-    return {"pop3": connect_pop3, "imap": connect_imap}
+    return {"pop3": connect_pop3, "imap": connect_imap, "pop2": connect_pop2}
 
 
 @attrs.frozen
@@ -445,6 +446,10 @@ class FetchService(Service):
             state.counters.bytes += result.size
             if result.done:
                 await seen.record(message.uid)
+                if account.protocol == "pop2" and not account.keep:
+                    # POP2 deletes by ACKD right after the message's RETR: marked now, while it
+                    # is the one just retrieved, rather than read again at close.
+                    await mailbox.delete([message])
                 state.counters.messages += 1
                 tally.messages += 1
                 tally.octets += result.size

@@ -59,7 +59,7 @@ from gateway.fetch import (
 from gateway.fetch._connect import client_tls_options, connect, describe
 from gateway.fetch._pop3_wire import Pop3Wire, Response
 
-__all__ = ["AUTH_MODES", "Pop3Session", "connect_pop3", "start_session"]
+__all__ = ["AUTH_MODES", "Pop3Session", "connect_pop3", "header_digest", "start_session"]
 
 AUTH_MODES = ("auto", "user", "apop")
 
@@ -349,7 +349,7 @@ class Pop3Session:
         seen: dict[str, int] = {}
         uids: dict[int, str] = {}
         for number in sizes:
-            digest = "hdr-" + _header_digest(b"".join(headers[number]))
+            digest = "hdr-" + header_digest(b"".join(headers[number]))
             seen[digest] = seen.get(digest, 0) + 1
             uids[number] = digest if seen[digest] == 1 else f"{digest}-{seen[digest]}"
         return uids
@@ -364,7 +364,7 @@ class Pop3Session:
         return message.number
 
 
-def _header_digest(header: bytes) -> str:
+def header_digest(header: bytes) -> str:
     """SHA-256 (hex, 48 digits) of a header without the fields servers rewrite on reading."""
     digest = hashlib.sha256()
     skipping = False
