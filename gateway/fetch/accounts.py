@@ -107,6 +107,7 @@ class FetchAccount:
     timeout: float = 60.0  # seconds any one server answer may take
     idle: bool = False  # IMAP: each folder watched in IDLE between polls (new mail polled within a second)
     move_to: str = ""  # IMAP: move fetched mail to this folder instead of deleting it ("" = delete)
+    sdps: bool = False  # POP3 multidrop: the envelope recipients from SDPS's *ENV, ahead of the headers
     postmaster: str = ""  # resolved: where refused and unknown recipients go ("" = none given)
     line: int | None = None  # where the account starts in the file, for messages at start-up
 
@@ -230,6 +231,13 @@ def _account(table: Section, defaults: FetchConfig, base_dir: str) -> FetchAccou
             "deliver_to" if deliver_to else "",
             "give exactly one of deliver_to (single-drop: internal addresses) or a multidrop table",
         )
+    sdps = table.take("sdps", bool, False)
+    if sdps and protocol != "pop3":
+        raise table.error("sdps", "is a POP3 extension (*ENV): for POP3 accounts only")
+    if sdps and multidrop is None:
+        raise table.error(
+            "sdps", "gives the envelope recipients of a multidrop mailbox; this account has none"
+        )
     account = FetchAccount(
         name=name,
         protocol=protocol,
@@ -253,6 +261,7 @@ def _account(table: Section, defaults: FetchConfig, base_dir: str) -> FetchAccou
         timeout=table.duration("timeout", 60),
         idle=idle,
         move_to=move_to,
+        sdps=sdps,
         postmaster=_address(table, "postmaster", table.take("postmaster", str, defaults.postmaster)),
         line=_line(table),
     )

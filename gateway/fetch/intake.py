@@ -13,7 +13,11 @@ a deletion, per ``fetch.on_refusal``):
 3. the envelope: the sender is the message's first Return-Path (which the
    external server's MDA wrote from its own MAIL FROM), or <> when there is
    none or it is not an address; the recipients are the account's `deliver_to`
-   (single-drop) or the multidrop routing of the headers. A multidrop copy
+   (single-drop) or the multidrop routing of the headers. With ``sdps`` (POP3
+   multidrop) the server's envelope (``*ENV``) comes first: its recipients
+   are routed ahead of the headers (as the first envelope header, named
+   "SDPS" in the log) and its sender replaces Return-Path; a server refusing
+   *ENV gets a warning and the headers alone. A multidrop copy
    of a Message-ID a recipient already got (within `DUPLICATE_TTL`) is not
    sent again to that recipient;
 4. MAIL, RCPT per recipient, end of data. A recipient refused (5xx) at RCPT
@@ -31,14 +35,14 @@ from __future__ import annotations
 
 import email.utils
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from gateway.fetch import IMailboxSession, RemoteMessage
+from gateway.fetch import FetchError, IMailboxSession, ProtocolViolation, RemoteMessage
 from gateway.fetch.accounts import FetchAccount
 from gateway.fetch.multidrop import Routing, duplicate_key, header_fields, header_values, route
 from gateway.interfaces import IIncomingMessage
@@ -52,6 +56,7 @@ log = Logger(namespace="mailgate.fetch")
 
 DUPLICATE_TABLE = "fetch.duplicates"
 DUPLICATE_TTL = 7 * 86400.0  # a copy of the same Message-ID for the same recipient within this: dropped
+SDPS = "SDPS"  # the envelope recipients' place among the multidrop headers (and the routing's source)
 HEAD_LIMIT = 256 * 1024  # octets of header read for the envelope (the rest of a huge header is body to us)
 
 
@@ -112,15 +117,36 @@ class Intake:
             incoming.write(
                 received_header(account, self.hostname, incoming.queue_id, single, self.clock.seconds())
             )
+            sdps = await self._sdps(account, mailbox, message)
             writer = _Writer(incoming.write)
             size = await mailbox.retrieve(message, writer)
-            result = await self._queue(account, session, checks, incoming, size, writer.eight_bit)
+            result = await self._queue(account, session, checks, incoming, size, writer.eight_bit, sdps)
         except BaseException:
             incoming.abort()
             raise
         finally:
             checks.close()
         return result
+
+    async def _sdps(
+        self, account: FetchAccount, mailbox: IMailboxSession, message: RemoteMessage
+    ) -> tuple[str, tuple[str, ...]] | None:
+        """The SDPS envelope (sender, recipients) of a message, or None (no SDPS here)."""
+        if not account.sdps or account.multidrop is None:
+            return None
+        try:
+            sender, recipients = await cast(Any, mailbox).envelope(message)  # Pop3Session (config: POP3)
+        except ProtocolViolation:
+            raise  # the connection is gone
+        except FetchError as error:
+            log.warn(
+                "fetch: {account}: no SDPS envelope for {uid}, routing by the headers alone: {error}",
+                account=account.name,
+                uid=message.uid,
+                error=str(error),
+            )
+            return None
+        return str(sender), tuple(recipients)
 
     async def _queue(
         self,
@@ -130,12 +156,18 @@ class Intake:
         incoming: IIncomingMessage,
         size: int,
         eight_bit: bool,
+        sdps: tuple[str, tuple[str, ...]] | None = None,
     ) -> IntakeResult:
         fields = header_fields(_head(incoming))
-        sender = envelope_sender(fields)
+        sender = envelope_sender(fields) if sdps is None else sdps[0]
         postmaster = account.postmaster or self.postmaster
         if account.multidrop is not None:
-            routing = route(account.multidrop, fields, account.multidrop.unknown or postmaster)
+            multidrop = account.multidrop
+            routed = fields
+            if sdps is not None:  # the envelope first, as if it were the first envelope header
+                multidrop = attrs.evolve(multidrop, headers=(SDPS, *multidrop.headers))
+                routed = [(SDPS, f"<{recipient}>") for recipient in sdps[1]] + fields
+            routing = route(multidrop, routed, account.multidrop.unknown or postmaster)
         else:
             routing = Routing(account.deliver_to, "deliver_to")
         if routing.unknown:

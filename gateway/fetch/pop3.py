@@ -30,6 +30,12 @@ the same across sessions as long as the messages and their order do; a
 server with neither UIDL nor TOP cannot be fetched from without duplicates,
 so it is refused (`FetchError`).
 
+SDPS (Demon Internet's extension, for multidrop mailboxes): `envelope(message)`
+sends ``*ENV n`` and reads the multi-line answer the way fetchmail does (the
+reference since Demon's description went offline): its third line is the
+envelope sender (blank for <>), its fourth the recipient (several, separated
+by commas or blanks, are all taken); other lines are not used.
+
 Deletions (DELE) are only committed by the "+OK" to QUIT (`close`); `abort`
 or a lost connection deletes nothing.
 """
@@ -182,6 +188,27 @@ class Pop3Session:
             sink=write,
             limit=max(2 * message.size, message.size + _GROWTH),
         ).addCallback(check)
+
+    def envelope(self, message: RemoteMessage) -> Deferred[tuple[str, tuple[str, ...]]]:
+        """SDPS: the envelope (sender, recipients) the server kept for `message` (``*ENV n``).
+
+        The sender is "" for <>; `FetchError` if the server refuses (no SDPS there).
+        """
+        number = self._number(message)
+
+        def parse(response: Response) -> tuple[str, tuple[str, ...]]:
+            if not response.ok:
+                raise FetchError(f"{self.peer} refused *ENV {number} (no SDPS?): {_text(response)}")
+            lines = [line.decode("utf-8", "replace").strip() for line in response.lines]
+            if len(lines) < 4:
+                raise ProtocolViolation(
+                    f"{self.peer} answered *ENV {number} with {len(lines)} lines (SDPS gives at least 4)"
+                )
+            sender = _bare(lines[2])
+            recipients = tuple(_bare(part) for part in re.split(r"[,\s]+", lines[3]) if _bare(part))
+            return sender, recipients
+
+        return self.wire.command(b"*ENV %d" % number, f"*ENV {number}", multiline=True).addCallback(parse)
 
     def delete(self, messages: list[RemoteMessage]) -> Deferred[None]:
         numbers = [self._number(message) for message in messages]
@@ -362,6 +389,11 @@ class Pop3Session:
         if self._closing:
             raise FetchError(f"session with {self.peer} is closing")
         return message.number
+
+
+def _bare(address: str) -> str:
+    """An address without its angle brackets ("" for <> or a blank)."""
+    return address.strip().strip("<>").strip()
 
 
 def header_digest(header: bytes) -> str:
