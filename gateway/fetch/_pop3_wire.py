@@ -64,12 +64,13 @@ class Response:
     code: str = ""  # "AUTH", "IN-USE", "SYS/TEMP", ... from "-ERR [AUTH] ..."; "" when none
     lines: tuple[bytes, ...] = ()  # a collected multi-line answer (CAPA, LIST, UIDL), unstuffed
     octets: int = 0  # a streamed answer (RETR, TOP): octets passed to the writer
+    more: bool = False  # a SASL continuation ("+ <base64>") to AUTH: `text` is its base64, `ok` False
 
 
 class _Request:
     """One command and the answer it waits for."""
 
-    __slots__ = ("command", "deferred", "limit", "multiline", "sink", "stage", "tls")
+    __slots__ = ("command", "deferred", "limit", "multiline", "sasl", "sink", "stage", "tls")
 
     def __init__(
         self,
@@ -79,6 +80,7 @@ class _Request:
         sink: Writer | None = None,
         limit: int = 0,  # a streamed answer larger than this is a protocol violation (0: none)
         tls: IOpenSSLClientConnectionCreator | None = None,  # STLS: start TLS on +OK
+        sasl: bool = False,  # AUTH: "+ <base64>" is a continuation, not a violation
     ) -> None:
         self.command = command
         self.stage = stage
@@ -86,6 +88,7 @@ class _Request:
         self.sink = sink
         self.limit = limit
         self.tls = tls
+        self.sasl = sasl
         self.deferred: Deferred[Response] = Deferred()
 
 
@@ -190,14 +193,19 @@ class Pop3Wire(Protocol):
         sink: Writer | None = None,
         limit: int = 0,
         tls: IOpenSSLClientConnectionCreator | None = None,
+        sasl: bool = False,
     ) -> Deferred[Response]:
-        """Send a command (now, or once the previous answer is in without pipelining)."""
+        """Send a command (now, or once the previous answer is in without pipelining).
+
+        `sasl`: the command is AUTH or a line of its exchange: a "+ <base64>" answer is
+        a continuation (`Response.more`), and the line is held back like STLS (no pipelining).
+        """
         if b"\r" in command or b"\n" in command or b"\0" in command:
             raise ValueError(f"{stage}: a POP3 command may not contain CR, LF or NUL")
-        request = _Request(command, stage, multiline, sink, limit, tls)
+        request = _Request(command, stage, multiline, sink, limit, tls, sasl)
         if self.closed or self.error is not None:
             request.deferred.errback(self.error or FetchError(f"connection with {self.peer} is closed"))
-        elif tls is not None or not self.pipelining or self._held:
+        elif tls is not None or sasl or not self.pipelining or self._held:
             self._held.append(request)
             self._send_held()
         else:
@@ -251,7 +259,11 @@ class Pop3Wire(Protocol):
         # Without pipelining, and always around STLS, one command at a time.
         while self._held:
             if self._sent and (
-                not self.pipelining or self._held[0].tls is not None or self._sent[-1].tls is not None
+                not self.pipelining
+                or self._held[0].tls is not None
+                or self._sent[-1].tls is not None
+                or self._held[0].sasl
+                or self._sent[-1].sasl
             ):
                 return
             self._write(self._held.popleft())
@@ -270,6 +282,9 @@ class Pop3Wire(Protocol):
             return False
         status = _status(line)
         request = self._sent[0]
+        if status is None and request.sasl and (line == b"+" or line.startswith(b"+ ")):
+            self._finish(Response(False, line[2:].decode("ascii", "replace").strip(), more=True))
+            return True
         if status is None:
             self._violation(f"{self.peer} answered {line[:80]!r} (neither +OK nor -ERR) to {request.stage}")
             return False

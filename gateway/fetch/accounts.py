@@ -36,7 +36,11 @@ PROTOCOLS = ("pop3", "imap", "pop2")
 TLS_MODES = ("implicit", "starttls", "none")
 REFUSALS = ("quarantine", "tag", "delete")
 MAX_IDLE_FOLDERS = 8  # one IDLE session per folder; servers cap a user's connections (Dovecot: 10)
-AUTH_MODES = {"pop3": ("auto", "user", "apop"), "imap": ("auto", "plain", "login"), "pop2": ("auto",)}
+AUTH_MODES = {
+    "pop3": ("auto", "user", "apop", "xoauth2"),
+    "imap": ("auto", "plain", "login", "xoauth2"),
+    "pop2": ("auto",),
+}
 DEFAULT_ENVELOPE_HEADERS = ("Delivered-To", "X-Original-To", "Envelope-To")
 _PORTS = {
     ("pop3", True): 995,
@@ -108,6 +112,7 @@ class FetchAccount:
     idle: bool = False  # IMAP: each folder watched in IDLE between polls (new mail polled within a second)
     move_to: str = ""  # IMAP: move fetched mail to this folder instead of deleting it ("" = delete)
     sdps: bool = False  # POP3 multidrop: the envelope recipients from SDPS's *ENV, ahead of the headers
+    token_command: str = attrs.field(default="", repr=False)  # auth "xoauth2": prints the access token
     postmaster: str = ""  # resolved: where refused and unknown recipients go ("" = none given)
     line: int | None = None  # where the account starts in the file, for messages at start-up
 
@@ -199,16 +204,29 @@ def _account(table: Section, defaults: FetchConfig, base_dir: str) -> FetchAccou
     username = table.take("username", str, "")
     if not username:
         raise table.error("username", "is required")
+    auth = table.choice("auth", AUTH_MODES[protocol], "auto")
+    token_command = table.take("token_command", str, "")
+    if auth == "xoauth2" and not token_command.strip():
+        raise table.error(
+            "token_command", 'is required with auth = "xoauth2": a command printing the access token'
+        )
+    if token_command and auth != "xoauth2":
+        raise table.error("token_command", 'is only used with auth = "xoauth2"')
     password_file = table.take("password_file", str, "")
-    if not password_file:
+    if auth == "xoauth2":
+        if password_file:
+            raise table.error(
+                "password_file", 'is not used with auth = "xoauth2" (the token command gives the token)'
+            )
+    elif not password_file:
         raise table.error(
             "password_file", "is required: a file holding the password, readable by the gateway only"
         )
-    password_file = os.path.normpath(os.path.join(base_dir, password_file))
-    problem = _password_file_problem(password_file, reading=False)
-    if problem:
-        raise table.error("password_file", problem)
-    auth = table.choice("auth", AUTH_MODES[protocol], "auto")
+    else:
+        password_file = os.path.normpath(os.path.join(base_dir, password_file))
+        problem = _password_file_problem(password_file, reading=False)
+        if problem:
+            raise table.error("password_file", problem)
     interval = table.duration("interval", defaults.interval)
     if interval <= 0:
         raise table.error("interval", "must be longer than 0 s")
@@ -262,6 +280,7 @@ def _account(table: Section, defaults: FetchConfig, base_dir: str) -> FetchAccou
         idle=idle,
         move_to=move_to,
         sdps=sdps,
+        token_command=token_command,
         postmaster=_address(table, "postmaster", table.take("postmaster", str, defaults.postmaster)),
         line=_line(table),
     )
@@ -336,6 +355,9 @@ def read_passwords(fetch: FetchConfig, source: str) -> FetchConfig:
     """
     accounts = []
     for number, account in enumerate(fetch.accounts):
+        if account.auth == "xoauth2":  # no password: a token from its command at each login
+            accounts.append(account)
+            continue
         key = f"fetch.accounts[{number}].password_file"
         problem = _password_file_problem(account.password_file, reading=True)
         if problem:

@@ -2,7 +2,8 @@
 
 `connect_imap(account, reactor)` connects (IMAPS, or STARTTLS, or plain text
 only when the account says tls = "none"), logs in (AUTHENTICATE PLAIN, with
-SASL-IR when offered, or LOGIN), selects the account's folder and fires with
+SASL-IR when offered, or LOGIN; or AUTHENTICATE XOAUTH2 with the access token
+the poller got from the account's token command as the password), selects the account's folder and fires with
 an `ImapSession`, the `IMailboxSession` the poller uses:
 
 - `list_messages()`: UID FETCH 1:* (UID RFC822.SIZE); a message's uid is
@@ -68,6 +69,7 @@ from gateway.fetch._imap_parse import (
     quoted,
     sequence_set,
 )
+from gateway.fetch._token import xoauth2_error, xoauth2_response
 from gateway.tcp import send_at_once
 
 __all__ = [
@@ -547,6 +549,8 @@ async def _authenticate(protocol: ImapProtocol, account: MailboxAccount) -> None
             answer = await protocol.command([b"AUTHENTICATE PLAIN " + token], what, on_continuation=respond)
         else:
             answer = await protocol.command([b"AUTHENTICATE PLAIN"], what, on_continuation=respond)
+    elif mechanism == "xoauth2":
+        answer = await _xoauth2(protocol, account, what)
     elif mechanism == "login":
         if "LOGINDISABLED" in capabilities:
             raise AuthenticationFailed(
@@ -555,7 +559,9 @@ async def _authenticate(protocol: ImapProtocol, account: MailboxAccount) -> None
         parts = [b"LOGIN ", astring(account.username), b" ", astring(account.password)]
         answer = await protocol.command(parts, what)
     else:
-        raise FetchError(f"{peer}: unknown IMAP authentication {account.auth!r} (auto, plain or login)")
+        raise FetchError(
+            f"{peer}: unknown IMAP authentication {account.auth!r} (auto, plain, login or xoauth2)"
+        )
     if answer.ok:
         if not _has_capability_data(answer):
             await _capability(protocol)  # they may change once logged in (UIDPLUS, MOVE, IDLE)
@@ -563,6 +569,37 @@ async def _authenticate(protocol: ImapProtocol, account: MailboxAccount) -> None
     if answer.status.code == "UNAVAILABLE":
         raise FetchError(f"{peer} cannot log in {account.username} now: {answer.status.text}")
     raise AuthenticationFailed(f"{peer} refused the login of {account.username}: {answer.status.text}")
+
+
+async def _xoauth2(protocol: ImapProtocol, account: MailboxAccount, what: str) -> Completion:
+    """AUTHENTICATE XOAUTH2 (SASL-IR when offered); `account.password` is the access token.
+
+    The server's error comes as a continuation (base64 JSON): it is answered with an
+    empty line, and the tagged NO that follows fails the login as AuthenticationFailed.
+    """
+    token = xoauth2_response(account.username, account.password)
+    sent: list[bool] = []
+    refusal: list[str] = []
+
+    def respond(request: ContinuationRequest) -> None:
+        if sent:  # the error, after our token
+            refusal.append(xoauth2_error(request.text))
+            protocol.send_line(b"")
+        else:
+            sent.append(True)
+            protocol.send_line(token)
+
+    if "SASL-IR" in protocol.capabilities:
+        sent.append(True)
+        answer = await protocol.command([b"AUTHENTICATE XOAUTH2 " + token], what, on_continuation=respond)
+    else:
+        answer = await protocol.command([b"AUTHENTICATE XOAUTH2"], what, on_continuation=respond)
+    if not answer.ok and refusal:
+        raise AuthenticationFailed(
+            f"{protocol.peer} refused the XOAUTH2 login of {account.username}: {refusal[0]}"
+            f" ({answer.status.text})"
+        )
+    return answer
 
 
 def _has_capability_data(answer: Completion) -> bool:

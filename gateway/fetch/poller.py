@@ -57,6 +57,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.fetch import AuthenticationFailed, FetchError, IMailboxSession, MailboxAccount, RemoteMessage
+from gateway.fetch._token import fetch_token
 from gateway.fetch.accounts import FetchAccount, FetchConfig
 from gateway.fetch.intake import Intake
 from gateway.fetch.seen import SeenStore
@@ -187,7 +188,9 @@ class FetchService(Service):
         `clock`: the reactor; `postmaster`: where refused and unknown recipients go
         for accounts without their own; `connect`: the protocol clients by name
         (tests give fakes); `now`: wall-clock time for the status (the clock's by default)."""
-        missing = [account.name for account in config.accounts if not account.password]
+        missing = [
+            account.name for account in config.accounts if not account.password and account.auth != "xoauth2"
+        ]
         if missing:  # the composition root reads them (accounts.read_passwords) before building this
             raise ValueError(f"fetch accounts without their password read: {', '.join(missing)}")
         self.config = config
@@ -407,9 +410,7 @@ class FetchService(Service):
         server = self._server(account)
         await server.acquire()
         try:
-            mailbox: IMailboxSession = await self.connect[account.protocol](
-                account.mailbox(folder), self.clock
-            )
+            mailbox: IMailboxSession = await self._login(account, folder)
             state.sessions.add(mailbox)
             try:
                 await self._fetch(state, folder, mailbox, tally)
@@ -473,6 +474,14 @@ class FetchService(Service):
             tally.deleted += len(doomed)
         await seen.flush()
 
+    async def _login(self, account: FetchAccount, folder: str) -> Any:
+        """A logged-in session; for XOAUTH2 the token command runs first and its token is the password."""
+        mailbox = account.mailbox(folder)
+        if account.auth == "xoauth2":
+            token = await fetch_token(account.token_command, self.clock)
+            mailbox = attrs.evolve(mailbox, password=token)
+        return await self.connect[account.protocol](mailbox, self.clock)
+
     def _server(self, account: FetchAccount) -> DeferredSemaphore:
         """The sessions a server may have at once (polls, and IDLE watchers logging in)."""
         return self._servers.setdefault(
@@ -504,7 +513,7 @@ class FetchService(Service):
         server = self._server(account)
         await server.acquire()  # counted while it logs in, not while it waits
         try:
-            session = await self.connect["imap"](account.mailbox(watcher.folder), self.clock)
+            session = await self._login(account, watcher.folder)
         finally:
             server.release()
         if self._stopping:

@@ -17,6 +17,13 @@ allows only with an explicit insecure flag). "-ERR" to the login is
 but busy or the server is in trouble ([IN-USE], [LOGIN-DELAY], [SYS/...]):
 those are `FetchError`, retried later without counting as a wrong password.
 
+"xoauth2" is SASL XOAUTH2 (Exchange Online, Gmail) by ``AUTH XOAUTH2`` with
+the initial response (RFC 5034; sent after a "+ " when the line would pass
+255 octets): the account's `password` is then the OAuth 2 access token (the
+poller runs the account's token command for it at each login). The server's
+error continuation (base64 JSON) is answered with an empty line, and the
+login fails as `AuthenticationFailed`.
+
 Servers without CAPA (old ones answer -ERR) are served without pipelining or
 STLS (STLS is still tried when the account asks for it: -ERR is `TlsRefused`).
 
@@ -64,10 +71,11 @@ from gateway.fetch import (
 )
 from gateway.fetch._connect import client_tls_options, connect, describe
 from gateway.fetch._pop3_wire import Pop3Wire, Response
+from gateway.fetch._token import xoauth2_error, xoauth2_response
 
 __all__ = ["AUTH_MODES", "Pop3Session", "connect_pop3", "header_digest", "start_session"]
 
-AUTH_MODES = ("auto", "user", "apop")
+AUTH_MODES = ("auto", "user", "apop", "xoauth2")
 
 _log = Logger()
 T = TypeVar("T")
@@ -80,6 +88,7 @@ _NOT_CREDENTIALS = ("IN-USE", "LOGIN-DELAY", "SYS/TEMP", "SYS/PERM")
 _UID = re.compile(rb"[\x21-\x7e]{1,255}")
 # Headers that servers add or change when a message is read (mbox-based ones do): not in the digest.
 _REWRITTEN = re.compile(rb"(?i)(status|x-status|x-uidl|x-keywords|x-imap[\w-]*|content-length|lines)\s*:")
+_MAX_AUTH_LINE = 253  # RFC 5034 4: an AUTH command line is at most 255 octets with its CRLF
 _GROWTH = 1024 * 1024  # a message may come a little larger than LIST said (LF counted as CRLF, ...)
 
 
@@ -286,7 +295,9 @@ class Pop3Session:
             offers_user = not self.capa_known or self.has("USER")
             apop = timestamp is not None and (not wire.tls.secure or not offers_user)
             mode = "apop" if apop else "user"
-        if mode == "apop":
+        if mode == "xoauth2":
+            response = await self._xoauth2()
+        elif mode == "apop":
             if timestamp is None:
                 raise AuthenticationFailed(f"{self.peer} offers no APOP (no timestamp in its greeting)")
             digest = hashlib.md5(timestamp + password, usedforsecurity=False).hexdigest().encode("ascii")
@@ -300,6 +311,23 @@ class Pop3Session:
             if response.code in _NOT_CREDENTIALS:
                 raise FetchError(text)
             raise AuthenticationFailed(text)
+
+    async def _xoauth2(self) -> Response:
+        wire = self.wire
+        initial = xoauth2_response(self.account.username, self.account.password)
+        if len(b"AUTH XOAUTH2 " + initial) <= _MAX_AUTH_LINE:
+            response = await wire.command(b"AUTH XOAUTH2 " + initial, "AUTH XOAUTH2", sasl=True)
+        else:  # RFC 5034 4: too long for the AUTH line, sent as the answer to an empty challenge
+            response = await wire.command(b"AUTH XOAUTH2", "AUTH XOAUTH2", sasl=True)
+            if response.more:
+                response = await wire.command(initial, "AUTH XOAUTH2 (the token)", sasl=True)
+        if response.more:  # the error, as base64 JSON; the exchange ends with an empty answer
+            detail = xoauth2_error(response.text)
+            await wire.command(b"", "AUTH XOAUTH2 (ending it)", sasl=True)
+            raise AuthenticationFailed(
+                f"{self.peer} refused the XOAUTH2 login of {self.account.username!r}: {detail}"
+            )
+        return response
 
     # -- listing ----------------------------------------------------------------------------------------
 
