@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +21,8 @@ from gateway.fetch import (
 from gateway.fetch._pop2_wire import Pop2Wire
 from gateway.fetch.pop2 import Pop2Session, connect_pop2, start_session
 from gateway.fetch.pop3 import header_digest
+from tests.unit.test_fetch_accounts import account as account_text
+from tests.unit.test_fetch_accounts import error, parse
 from tests.unit.test_fetch_pop3 import TlsStringTransport, failure_of, result_of
 
 PASSWORD = "s3cret-Pa55"
@@ -272,3 +275,15 @@ def test_plain_transport_without_tls_is_fine_for_tls_none() -> None:
     login = start_session(account(), wire)
     wire.dataReceived(b"+\r\n#0\r\n")
     assert result_of(login).count == 0
+
+
+def test_pop2_accounts_in_the_config(tmp_path: Path) -> None:
+    text = account_text(tmp_path, 'tls = "none"\ninsecure = true').replace('"pop3"', '"pop2"')
+    [old] = parse(text, tmp_path).accounts
+    assert (old.protocol, old.port, old.tls) == ("pop2", 109, "none")
+    starttls = account_text(tmp_path, 'tls = "starttls"').replace('"pop3"', '"pop2"')
+    assert "POP2 has no STARTTLS" in error(starttls, tmp_path)
+    plain = account_text(tmp_path, 'tls = "none"').replace('"pop3"', '"pop2"')
+    assert "insecure = true" in error(plain, tmp_path)
+    apop = account_text(tmp_path, 'auth = "apop"').replace('"pop3"', '"pop2"')
+    assert "auth" in error(apop, tmp_path)
