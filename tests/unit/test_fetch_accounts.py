@@ -195,7 +195,7 @@ def test_the_password_file_is_checked_again_at_start(tmp_path: Path) -> None:
     ("change", "key", "words"),
     [
         ('password_file = "missing"', "password_file", "does not exist"),
-        ('protocol = "pop2"', "protocol", "must be one of pop3, imap"),
+        ('protocol = "kpop"', "protocol", "must be one of pop3, imap, pop2"),
         ('folders = ["INBOX", "Sent"]', "folders", "IMAP accounts only"),
         ('delete_after = "30d"', "delete_after", "keep = true"),
         ('auth = "plain"', "auth", "must be one of auto, user, apop"),
