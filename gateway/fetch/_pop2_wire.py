@@ -29,6 +29,7 @@ from zope.interface import implementer
 
 from gateway.fetch import FetchError, ProtocolViolation
 from gateway.fetch._connect import TlsStage
+from gateway.fetch._timer import AnswerTimer
 from gateway.tcp import send_at_once
 
 __all__ = ["MAX_LINE", "Answer", "Pop2Wire"]
@@ -76,7 +77,7 @@ def parse_answer(line: bytes) -> Answer | None:
 
 
 @implementer(IHandshakeListener)
-class Pop2Wire(Protocol):
+class Pop2Wire(AnswerTimer, Protocol):
     """POP2 answers to the commands sent, in order; a greeting request from the start."""
 
     def __init__(self, clock: IReactorTime, peer: str, timeout: float, implicit_tls: bool = False) -> None:
@@ -253,21 +254,8 @@ class Pop2Wire(Protocol):
         if not self.closed and self.error is None:
             self._send_held()
 
-    def _start_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self.timeout)
-        else:
-            self._timer = self.clock.callLater(self.timeout, self._timed_out)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def _timed_out(self) -> None:
-        self._timer = None
-        stage = self._sent.stage if self._sent else "idle"
-        self.abort(FetchError(f"{self.peer} sent nothing for {self.timeout:g} s while {stage}"))
+    def _waiting_for(self) -> str:
+        return self._sent.stage if self._sent else "idle"
 
     def _violation(self, text: str) -> None:
         self.abort(ProtocolViolation(text))

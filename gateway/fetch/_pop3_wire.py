@@ -46,6 +46,7 @@ from zope.interface import implementer
 
 from gateway.fetch import FetchError, ProtocolViolation
 from gateway.fetch._connect import TlsStage
+from gateway.fetch._timer import AnswerTimer
 from gateway.tcp import send_at_once
 
 MAX_LINE = 4096  # a status or listing line; RFC 1939 allows 512 octets, be lenient but bounded
@@ -111,7 +112,7 @@ def _status(line: bytes) -> tuple[bool, str, str] | None:
 
 
 @implementer(IHandshakeListener)
-class Pop3Wire(Protocol):
+class Pop3Wire(AnswerTimer, Protocol):
     """POP3 responses in order to the commands sent; a greeting request from the start."""
 
     def __init__(self, clock: IReactorTime, peer: str, timeout: float, implicit_tls: bool = False) -> None:
@@ -401,21 +402,8 @@ class Pop3Wire(Protocol):
         if not self.closed and self.error is None:
             self._send_held()
 
-    def _start_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self.timeout)
-        else:
-            self._timer = self.clock.callLater(self.timeout, self._timed_out)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def _timed_out(self) -> None:
-        self._timer = None
-        stage = self._sent[0].stage if self._sent else "idle"
-        self.abort(FetchError(f"{self.peer} sent nothing for {self.timeout:g} s while {stage}"))
+    def _waiting_for(self) -> str:
+        return self._sent[0].stage if self._sent else "idle"
 
     def _violation(self, text: str) -> None:
         self.abort(ProtocolViolation(text))
