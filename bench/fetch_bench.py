@@ -115,7 +115,7 @@ password_file = "{password_file}"
 interval = "1h"
 keep = false
 deliver_to = ["{recipient}"]
-"""
+{protocol_options}"""
 
 FETCHMAIL_HEAD = """\
 set no bouncemail
@@ -297,6 +297,8 @@ class Run:
                     ca_file=self.dovecot.ca_file,
                     password_file=password_file,
                     recipient=RECIPIENT,
+                    # no IDLE watcher fetching while the mailboxes are loaded: only `fetch now`
+                    protocol_options="idle = false\n" if protocol == "imap" else "",
                 )
             )
         fetch_options = ""
@@ -335,6 +337,8 @@ class Run:
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
+            if sink.count() or left_on_server(self.dovecot, users) != self.args.messages:
+                raise BenchError("the gateway fetched before `fetch now`: the timing would be wrong")
             before = Snapshot.take()
             started = time.monotonic()
             ctl = self.procs.start(
