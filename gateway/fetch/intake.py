@@ -72,6 +72,14 @@ class IntakeResult:
     duplicates: tuple[str, ...] = ()  # recipients who already had this Message-ID (multidrop)
 
 
+@attrs.frozen
+class Retrieved:
+    """A message retrieved into the spool, not yet queued: `queue()` it, or `forget()` it."""
+
+    queue: Callable[[], Deferred[IntakeResult]]
+    forget: Callable[[], None]
+
+
 class Intake:
     """Fetched messages into the queue through a reception (see the module docstring)."""
 
@@ -98,11 +106,26 @@ class Intake:
         self, account: FetchAccount, mailbox: IMailboxSession, message: RemoteMessage
     ) -> Deferred[IntakeResult]:
         """Retrieve `message` and queue it; fails only if the retrieval does (nothing queued then)."""
-        return Deferred.fromCoroutine(self._take(account, mailbox, message))
 
-    async def _take(
+        async def both() -> IntakeResult:
+            retrieved = await self.retrieve(account, mailbox, message)
+            return await retrieved.queue()
+
+        return Deferred.fromCoroutine(both())
+
+    def retrieve(
         self, account: FetchAccount, mailbox: IMailboxSession, message: RemoteMessage
-    ) -> IntakeResult:
+    ) -> Deferred[Retrieved]:
+        """Retrieve `message` into the spool (the connection's part); fires with what queues it.
+
+        The poller retrieves the next message while this one is being queued (the
+        filters, the fsync): the connection and the disk work at the same time.
+        """
+        return Deferred.fromCoroutine(self._retrieve(account, mailbox, message))
+
+    async def _retrieve(
+        self, account: FetchAccount, mailbox: IMailboxSession, message: RemoteMessage
+    ) -> Retrieved:
         session = Session(
             account.server,
             account.port,
@@ -120,13 +143,25 @@ class Intake:
             sdps = await self._sdps(account, mailbox, message)
             writer = _Writer(incoming.write)
             size = await mailbox.retrieve(message, writer)
-            result = await self._queue(account, session, checks, incoming, size, writer.eight_bit, sdps)
         except BaseException:
             incoming.abort()
-            raise
-        finally:
             checks.close()
-        return result
+            raise
+
+        async def queue() -> IntakeResult:
+            try:
+                return await self._queue(account, session, checks, incoming, size, writer.eight_bit, sdps)
+            except BaseException:
+                incoming.abort()
+                raise
+            finally:
+                checks.close()
+
+        def forget() -> None:
+            incoming.abort()
+            checks.close()
+
+        return Retrieved(lambda: Deferred.fromCoroutine(queue()), forget)
 
     async def _sdps(
         self, account: FetchAccount, mailbox: IMailboxSession, message: RemoteMessage

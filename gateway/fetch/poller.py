@@ -59,7 +59,7 @@ from twisted.python.failure import Failure
 from gateway.fetch import AuthenticationFailed, FetchError, IMailboxSession, MailboxAccount, RemoteMessage
 from gateway.fetch._token import fetch_token
 from gateway.fetch.accounts import FetchAccount, FetchConfig
-from gateway.fetch.intake import Intake
+from gateway.fetch.intake import Intake, IntakeResult, Retrieved
 from gateway.fetch.seen import SeenStore
 from gateway.state import IStateStore, StoreError
 
@@ -440,31 +440,41 @@ class FetchService(Service):
             self._report_oversized(state, folder, oversized)
         if account.max_messages:
             fresh = fresh[: account.max_messages]
-        for message in fresh:
-            if self._stopping:
-                break
-            result = await self.intake.take(account, mailbox, message)
-            state.counters.bytes += result.size
-            if result.done:
-                await seen.record(message.uid)
-                if account.protocol == "pop2" and not account.keep:
-                    # POP2 deletes by ACKD right after the message's RETR: marked now, while it
-                    # is the one just retrieved, rather than read again at close.
-                    await mailbox.delete([message])
-                state.counters.messages += 1
-                tally.messages += 1
-                tally.octets += result.size
-            else:
-                state.counters.errors += 1
-                state.counters.last_error = f"{folder} {message.uid}: {result.reply}"
-                state.counters.last_error_time = self.now()
-                tally.left += 1
-                log.warn(
-                    "fetch: {account}: message {uid} left on the server for the next poll: {reply}",
-                    account=account.name,
-                    uid=message.uid,
-                    reply=result.reply,
-                )
+        # the next message is retrieved while the one before is queued (filters, fsync), and
+        # queued only once that one is recorded: a crash leaves at most one message queued but
+        # not recorded as seen (fetched twice), never more. POP2 acknowledges each before the next.
+        overlap = account.protocol != "pop2"
+        pending: tuple[RemoteMessage, Deferred[IntakeResult]] | None = None
+        retrieved: Retrieved | None = None
+        try:
+            for message in fresh:
+                if self._stopping:
+                    break
+                retrieved = await self.intake.retrieve(account, mailbox, message)
+                if pending is not None:
+                    current, pending = pending, None
+                    await self._settle(state, folder, mailbox, seen, tally, *current)
+                pending, retrieved = (message, retrieved.queue()), None
+                if not overlap:
+                    current, pending = pending, None
+                    await self._settle(state, folder, mailbox, seen, tally, *current)
+            if pending is not None:
+                current, pending = pending, None
+                await self._settle(state, folder, mailbox, seen, tally, *current)
+        except BaseException:
+            # the session is lost: a message retrieved but not queued is forgotten (it is still
+            # on the server); the one being queued still is, and if it got its 250 it is
+            # recorded, so the next poll does not fetch it again
+            if retrieved is not None:
+                retrieved.forget()
+            if pending is not None:
+                try:
+                    await self._settle(state, folder, mailbox, seen, tally, *pending)
+                except Exception:
+                    log.failure(
+                        "fetch: {account}: {uid}: queuing failed", account=account.name, uid=pending[0].uid
+                    )
+            raise
         doomed = list(self._to_delete(account, listed, seen))
         if doomed and account.move_to:
             await cast(Any, mailbox).move(doomed, account.move_to)  # ImapSession.move (the config: IMAP)
@@ -473,6 +483,41 @@ class FetchService(Service):
             await mailbox.delete(doomed)
             tally.deleted += len(doomed)
         await seen.flush()
+
+    async def _settle(
+        self,
+        state: _AccountState,
+        folder: str,
+        mailbox: IMailboxSession,
+        seen: Any,
+        tally: _Tally,
+        message: RemoteMessage,
+        queued: Deferred[IntakeResult],
+    ) -> None:
+        """A retrieved message's queuing is over: record it as seen (250) or leave it (4xx)."""
+        account = state.account
+        result = await queued
+        state.counters.bytes += result.size
+        if result.done:
+            await seen.record(message.uid)
+            if account.protocol == "pop2" and not account.keep:
+                # POP2 deletes by ACKD right after the message's RETR: marked now, while it
+                # is the one just retrieved, rather than read again at close.
+                await mailbox.delete([message])
+            state.counters.messages += 1
+            tally.messages += 1
+            tally.octets += result.size
+        else:
+            state.counters.errors += 1
+            state.counters.last_error = f"{folder} {message.uid}: {result.reply}"
+            state.counters.last_error_time = self.now()
+            tally.left += 1
+            log.warn(
+                "fetch: {account}: message {uid} left on the server for the next poll: {reply}",
+                account=account.name,
+                uid=message.uid,
+                reply=result.reply,
+            )
 
     async def _login(self, account: FetchAccount, folder: str) -> Any:
         """A logged-in session; for XOAUTH2 the token command runs first and its token is the password."""
