@@ -17,7 +17,6 @@ import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -39,8 +38,6 @@ from gateway.tcp import send_at_once
 
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 IDLE_RENEWAL = 29 * 60.0  # RFC 2177: servers may drop an IDLE after 30 minutes
-
-_log = Logger()
 
 
 @attrs.frozen
