@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import os
 import secrets
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.logger import formatEvent
-from twisted.python.failure import Failure
 
 from gateway.config import RelayConfig
 from gateway.fetch import poller as poller_module
@@ -33,24 +30,11 @@ from gateway.reception import Reception
 from gateway.state.sqlite import SqliteStore
 from tests.integration.peer_dovecot_mail import DovecotMail
 from tests.integration.peers import HOST, require_program, require_root
+from tests.integration.turning import wait
 
 pytestmark = pytest.mark.integration
 
 USERS = ("single", "kept", "public", "wrong")
-
-
-def wait(deferred: Deferred[Any], timeout: float = 30.0) -> Any:
-    """Run the reactor until `deferred` fires (these tests are plain pytest functions)."""
-    results: list[Any] = []
-    deferred.addBoth(results.append)
-    deadline = time.monotonic() + timeout
-    while not results and time.monotonic() < deadline:
-        reactor.runUntilCurrent()  # type: ignore[attr-defined]
-        reactor.doIteration(0.01)  # type: ignore[attr-defined]
-    assert results, f"no answer within {timeout:g} s"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
 
 
 @pytest.fixture(scope="module")

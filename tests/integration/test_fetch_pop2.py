@@ -26,7 +26,8 @@ from gateway.queue.spool import DirectorySpool
 from gateway.reception import Reception
 from gateway.state.sqlite import SqliteStore
 from tests.integration.peers import HOST
-from tests.integration.test_fetch_poller import body, message, wait
+from tests.integration.test_fetch_poller import body, message
+from tests.integration.turning import wait
 
 pytestmark = pytest.mark.integration
 

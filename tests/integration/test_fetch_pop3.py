@@ -16,37 +16,16 @@ from typing import Any
 
 import pytest
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
 
 from gateway.fetch import AuthenticationFailed, FetchError, MailboxAccount, RemoteMessage, TlsRefused
 from gateway.fetch.pop3 import Pop3Session, connect_pop3
 from tests.integration.peer_dovecot_mail import DovecotMail
 from tests.integration.peers import HOST, require_program, require_root
+from tests.integration.turning import failure, wait
 
 pytestmark = pytest.mark.integration
 
 USERS = [f"pop{number}" for number in range(1, 21)]
-
-
-def wait(deferred: Deferred[Any], timeout: float = 30.0) -> Any:
-    """Run the reactor until `deferred` fires (these tests are plain pytest functions)."""
-    results: list[Any] = []
-    deferred.addBoth(results.append)
-    deadline = time.monotonic() + timeout
-    while not results and time.monotonic() < deadline:
-        reactor.runUntilCurrent()  # type: ignore[attr-defined]
-        reactor.doIteration(0.01)  # type: ignore[attr-defined]
-    assert results, f"no answer within {timeout:g} s"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
-
-
-def failure(deferred: Deferred[Any], timeout: float = 30.0) -> FetchError:
-    with pytest.raises(FetchError) as caught:
-        wait(deferred, timeout)
-    return caught.value
 
 
 @pytest.fixture(scope="module")
