@@ -29,7 +29,7 @@ from zope.interface import implementer
 
 from gateway.fetch import FetchError, ProtocolViolation
 from gateway.fetch._connect import TlsStage
-from gateway.fetch._timer import AnswerTimer
+from gateway.fetch._wire import WireBase
 from gateway.tcp import send_at_once
 
 __all__ = ["MAX_LINE", "Answer", "Pop2Wire"]
@@ -77,7 +77,7 @@ def parse_answer(line: bytes) -> Answer | None:
 
 
 @implementer(IHandshakeListener)
-class Pop2Wire(AnswerTimer, Protocol):
+class Pop2Wire(WireBase, Protocol):
     """POP2 answers to the commands sent, in order; a greeting request from the start."""
 
     def __init__(self, clock: IReactorTime, peer: str, timeout: float, implicit_tls: bool = False) -> None:
@@ -163,30 +163,6 @@ class Pop2Wire(AnswerTimer, Protocol):
             self._held.append(request)
             self._send_held()
         return request.deferred
-
-    def handshake(self) -> Deferred[None]:
-        """Fires once the TLS handshake is done (at once if it is)."""
-        waiter: Deferred[None] = Deferred()
-        if self.tls.done:
-            waiter.callback(None)
-        elif self.closed:
-            waiter.errback(self.error or FetchError(f"connection with {self.peer} is closed"))
-        else:
-            self._handshake_waiters.append(waiter)
-        return waiter
-
-    def close(self) -> None:
-        if not self.closed and self.transport is not None:
-            self.transport.loseConnection()
-
-    def abort(self, error: BaseException | None = None) -> None:
-        """Drop the connection at once; waiting requests fail now."""
-        if self.error is None:
-            self.error = error or FetchError(f"session with {self.peer} aborted")
-        if not self.closed:
-            if self.transport is not None:
-                self.transport.abortConnection()  # type: ignore[attr-defined]
-            self.connectionLost(Failure(self.error))  # type: ignore[no-untyped-call]
 
     # -- internals ----------------------------------------------------------------------------------
 

@@ -46,7 +46,7 @@ from zope.interface import implementer
 
 from gateway.fetch import FetchError, ProtocolViolation
 from gateway.fetch._connect import TlsStage
-from gateway.fetch._timer import AnswerTimer
+from gateway.fetch._wire import WireBase
 from gateway.tcp import send_at_once
 
 MAX_LINE = 4096  # a status or listing line; RFC 1939 allows 512 octets, be lenient but bounded
@@ -112,7 +112,7 @@ def _status(line: bytes) -> tuple[bool, str, str] | None:
 
 
 @implementer(IHandshakeListener)
-class Pop3Wire(AnswerTimer, Protocol):
+class Pop3Wire(WireBase, Protocol):
     """POP3 responses in order to the commands sent; a greeting request from the start."""
 
     def __init__(self, clock: IReactorTime, peer: str, timeout: float, implicit_tls: bool = False) -> None:
@@ -213,17 +213,6 @@ class Pop3Wire(AnswerTimer, Protocol):
             self._write(request)
         return request.deferred
 
-    def handshake(self) -> Deferred[None]:
-        """Fires once the TLS handshake is done (at once if it is)."""
-        waiter: Deferred[None] = Deferred()
-        if self.tls.done:
-            waiter.callback(None)
-        elif self.closed:
-            waiter.errback(self.error or FetchError(f"connection with {self.peer} is closed"))
-        else:
-            self._handshake_waiters.append(waiter)
-        return waiter
-
     def when_closed(self) -> Deferred[None]:
         waiter: Deferred[None] = Deferred()
         if self.closed:
@@ -231,21 +220,6 @@ class Pop3Wire(AnswerTimer, Protocol):
         else:
             self._closed_waiters.append(waiter)
         return waiter
-
-    def close(self) -> None:
-        """Close once what was written has gone out."""
-        if not self.closed and self.transport is not None:
-            self.transport.loseConnection()
-
-    def abort(self, error: BaseException | None = None) -> None:
-        """Drop the connection at once; waiting requests fail now with `error` (or "aborted")."""
-        if self.error is None:
-            self.error = error or FetchError(f"session with {self.peer} aborted")
-        if not self.closed:
-            if self.transport is not None:
-                self.transport.abortConnection()  # type: ignore[attr-defined]
-            # Not waiting for the transport to report it (a real one does so a turn later).
-            self.connectionLost(Failure(self.error))  # type: ignore[no-untyped-call]
 
     # -- internals ----------------------------------------------------------------------------------
 
