@@ -125,12 +125,20 @@ class ZoneServer(DatagramProtocol):
 
     def listen(self, interface: str = "127.0.0.1") -> str:
         """Start on a free port (UDP and TCP); returns "127.0.0.1:PORT"."""
-        self.udp = self.reactor.listenUDP(0, self, interface=interface)
-        self._grow_receive_buffer()
-        port = self.udp.getHost().port
+        from twisted.internet.error import CannotListenError
+
         factory = Factory.forProtocol(lambda: _TcpServer(self.zone))
-        self.tcp = self.reactor.listenTCP(port, factory, interface=interface)
-        return f"{interface}:{port}"
+        for _attempt in range(20):
+            self.udp = self.reactor.listenUDP(0, self, interface=interface)
+            port = self.udp.getHost().port
+            try:
+                self.tcp = self.reactor.listenTCP(port, factory, interface=interface)
+            except CannotListenError:  # free for UDP, taken for TCP (an earlier test's): try another
+                self.udp.stopListening()
+                continue
+            self._grow_receive_buffer()
+            return f"{interface}:{port}"
+        raise RuntimeError("no port free for both UDP and TCP")
 
     def _grow_receive_buffer(self) -> None:
         """Room for a burst of a thousand questions: the kernel's default holds a few hundred."""
