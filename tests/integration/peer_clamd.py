@@ -15,14 +15,12 @@ in the directory, StreamMaxLength as given) and never reads /etc/clamav. `pause(
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import socket
 import subprocess
 import time
 
-from tests.integration.peers import Peer, PeerError, _Daemon, _program, _write
+from tests.integration.peers import PeerError, SignalledPeer, _Daemon, _program, _write
 
 # The EICAR test file (https://www.eicar.org/download-anti-malware-testfile/), 68 bytes.
 EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
@@ -63,7 +61,7 @@ def build_database(directory: str) -> None:
     _write(os.path.join(directory, "test.ndb"), f"Mailgate-Test-Marker:0:*:{MARKER.hex()}\n")
 
 
-class Clamd(Peer):
+class Clamd(SignalledPeer):
     """clamd on 127.0.0.1:PORT and on `socket_path`, with the test database."""
 
     kind = "clamd"
@@ -125,28 +123,3 @@ class Clamd(Peer):
                 return local.recv(10) == b"PONG\0"
         except OSError:
             return False
-
-    @property
-    def pid(self) -> int:
-        assert self._daemon is not None, "not started"
-        return self._daemon.process.pid
-
-    def pause(self) -> None:
-        os.killpg(self.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        os.killpg(self.pid, signal.SIGCONT)
-
-    def kill(self) -> None:
-        """kill -9 of clamd; the peer must be started again to be used."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pid, signal.SIGKILL)
-        assert self._daemon is not None
-        self._daemon.process.wait(timeout=10)
-
-    def _stop_processes(self) -> None:
-        if self._daemon is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._daemon.process.pid, signal.SIGCONT)
-            self._daemon.stop()
-            self._daemon = None

@@ -14,16 +14,14 @@ the group, as a crash.
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import os
 import pwd
 import shutil
-import signal
 import socket
 import time
 
-from tests.integration.peers import Peer, PeerError, _Daemon, _program, _write
+from tests.integration.peers import PeerError, SignalledPeer, _Daemon, _program, _write
 
 SPAMD_USER = "nobody"
 GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
@@ -40,7 +38,7 @@ bayes_path {home}/bayes
 """
 
 
-class Spamd(Peer):
+class Spamd(SignalledPeer):
     """spamd on 127.0.0.1:PORT (`hostport`; the endpoint string is `endpoint`)."""
 
     kind = "spamd"
@@ -102,28 +100,3 @@ class Spamd(Peer):
                 return conn.recv(100).startswith(b"SPAMD/1.5 0 PONG")
         except OSError:
             return False
-
-    @property
-    def pid(self) -> int:
-        assert self._daemon is not None, "not started"
-        return self._daemon.process.pid
-
-    def pause(self) -> None:
-        os.killpg(self.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        os.killpg(self.pid, signal.SIGCONT)
-
-    def kill(self) -> None:
-        """kill -9 of spamd and its children; the peer must be started again to be used."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pid, signal.SIGKILL)
-        assert self._daemon is not None
-        self._daemon.process.wait(timeout=10)
-
-    def _stop_processes(self) -> None:
-        if self._daemon is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._daemon.process.pid, signal.SIGCONT)  # a paused daemon cannot stop
-            self._daemon.stop()
-            self._daemon = None

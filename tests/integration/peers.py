@@ -343,6 +343,37 @@ class Peer:
         return "in use" in text or "EADDRINUSE" in text or "banner" in str(error)
 
 
+class SignalledPeer(Peer):
+    """A peer run as one `_Daemon` (`self._daemon`) that tests may pause, resume or kill -9."""
+
+    _daemon: _Daemon | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self._daemon is not None, "not started"
+        return self._daemon.process.pid
+
+    def pause(self) -> None:
+        os.killpg(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        """kill -9 of the daemon and its children; the peer must be started again to be used."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        assert self._daemon is not None
+        self._daemon.process.wait(timeout=10)
+
+    def _stop_processes(self) -> None:
+        if self._daemon is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._daemon.process.pid, signal.SIGCONT)  # a paused daemon cannot stop
+            self._daemon.stop()
+            self._daemon = None
+
+
 # -- TLS ---------------------------------------------------------------------------------------
 
 _CA_CNF = """\
