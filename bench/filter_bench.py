@@ -54,7 +54,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from _sysstat import Snapshot, compare  # noqa: E402
+from _sysstat import Snapshot, compare, worker_pids  # noqa: E402
 from relay_bench import SINK_PORT, Gateway, Processes, Sink  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -271,24 +271,6 @@ async def stall(count: int) -> list[socket.socket]:
         await loop.sock_connect(sock, (HOST, GATEWAY_PORT))
         sockets.append(sock)
     return sockets
-
-
-def worker_pids(parent: int) -> list[int]:
-    """The SMTP worker processes of a gateway (its children running gateway.smtp.workers)."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as stat:
-                ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{name}/cmdline", "rb") as cmdline:
-                command = cmdline.read()
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == parent and b"gateway.smtp.workers" in command:
-            found.append(int(name))
-    return sorted(found)
 
 
 def banners_received(sockets: list[socket.socket]) -> int:

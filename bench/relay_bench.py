@@ -54,7 +54,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 from _postfix import PostfixInstance  # noqa: E402
-from _sysstat import Snapshot, compare, open_fds, proc_memory  # noqa: E402
+from _sysstat import Snapshot, compare, open_fds, proc_memory, worker_pids  # noqa: E402
 
 HOST = "127.0.0.1"
 SINK_PORT = 2526
@@ -297,7 +297,7 @@ def measure(
     """One smtp-source run into `port`; the relay delivers to a fresh smtp-sink."""
     os.makedirs(cell_dir, exist_ok=True)
     sink = Sink(procs, cell_dir)
-    profiler = None
+    profilers: list[subprocess.Popen[bytes]] = []
     try:
         os.sync()
         time.sleep(1.0)
@@ -308,24 +308,32 @@ def measure(
             started = time.monotonic()
             source = procs.start(source_argv(port, size, sessions, count), stdout=out, stderr=err)
         if profile and memory_pid:
-            profiler = procs.start(
-                [
-                    py_spy(),
-                    "record",
-                    "--nonblocking",
-                    "--pid",
-                    str(memory_pid),
-                    "--format",
-                    "raw",
-                    "--rate",
-                    "200",
-                    "-o",
-                    profile,
-                    *PY_SPY_EXTRA,
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+            # the main process, and each SMTP worker in a file of its own
+            targets = [(memory_pid, profile)] + [
+                (pid, profile.removesuffix(".txt") + f"-worker{number}.txt")
+                for number, pid in enumerate(worker_pids(memory_pid), 1)
+            ]
+            for pid, path in targets:
+                profilers.append(
+                    procs.start(
+                        [
+                            py_spy(),
+                            "record",
+                            "--nonblocking",
+                            "--pid",
+                            str(pid),
+                            "--format",
+                            "raw",
+                            "--rate",
+                            "200",
+                            "-o",
+                            path,
+                            *PY_SPY_EXTRA,
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
         source_done = delivered_at = None
         delivered = 0
         rss_max = 0
@@ -352,13 +360,15 @@ def measure(
         if source_done is None:
             procs.stop(source)
             source_done = end
-        if profiler is not None:
+        for profiler in profilers:
             procs.stop(profiler, sig=signal.SIGINT)
         completed = last_counter(counter_path)
         if delivered_at is None:
             delivered_at = end
         with open(err_path, errors="replace") as f:
             source_errors = f.read().strip().splitlines()
+        if memory_pid:  # the gateway's SMTP workers, each on its own
+            named = {**named, **{f"worker{n}": pid for n, pid in enumerate(worker_pids(memory_pid), 1)}}
         usage = compare(before, after, roots | {os.getpid(), sink.proc.pid, source.pid}, named)
         # the relay's queue must drain: every message delivered and removed
         drain_deadline = time.monotonic() + 60
@@ -387,7 +397,7 @@ def measure(
             result.update({k.lower() + "_kib": v for k, v in proc_memory(memory_pid).items()})
         return result
     finally:
-        if profiler is not None:
+        for profiler in profilers:
             procs.stop(profiler, sig=signal.SIGINT)
         sink.stop()
 
@@ -617,7 +627,12 @@ def report(result: dict[str, Any], out: IO[str] | None) -> None:
     if result["target"] == "gateway":
         extra = (
             f" gw_cpu={result.get('gateway_cpu_pct_1core', '?')}%/core"
-            f" hwm={result.get('vmhwm_kib', 0) / 1024:.0f}MiB"
+            + "".join(
+                f" {key.removesuffix('_cpu_pct_1core')}={value}%"
+                for key, value in result.items()
+                if key.startswith("worker") and key.endswith("_cpu_pct_1core")
+            )
+            + f" hwm={result.get('vmhwm_kib', 0) / 1024:.0f}MiB"
         )
     print(
         f"# {result['target']:8} {result['size']:>6} B x{result['sessions']:>3}: "
