@@ -76,6 +76,9 @@ class ISpool(Interface):
     def list(state: str) -> list[str]:
         """Queue ids in a state ("incoming", "active", "deferred", "hold", "corrupt")."""
 
+    def states() -> dict[str, str]:
+        """Every queue id in the spool and its state (one walk, for scans and listings)."""
+
     def load(queue_id: str) -> QueuedMessage:
         """The QueuedMessage for an id (KeyError if unknown)."""
 
@@ -89,7 +92,11 @@ class ISpool(Interface):
         """Delete a message (all delivered or bounced, or operator delete). Deferred."""
 
     def message_path(queue_id: str) -> str:
-        """The path of the stored message bytes (read-only for transports)."""
+        """The path of the stored message file (read-only for transports).
+
+        Open it with `gateway.queue.open_message`, which reads past the
+        spool's header in front of the message.
+        """
 
 
 class ITransport(Interface):

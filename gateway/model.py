@@ -167,7 +167,7 @@ class Delivery:
     queue_id: str
     envelope: Envelope  # the whole envelope (sender, BODY, SMTPUTF8, RET, ENVID)
     recipients: tuple[Recipient, ...]  # the ones this transport should deliver now
-    message_path: str  # the stored message bytes, CRLF line ends, Received on top
+    message_path: str  # the stored message (gateway.queue.open_message), CRLF line ends, Received on top
     size: int
 
 

@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from gateway.delivery.manager import QueueManager, describe
 from gateway.interfaces import ISpool
 from gateway.quarantine import QuarantineRoom, Selection
+from gateway.queue import open_message
 
 log = Logger(namespace="mailgate.admin")
 
@@ -118,7 +119,8 @@ class ControlFactory(Factory):
         return d.addCallback(lambda _: queue_id)
 
     def status(self, request: dict[str, Any]) -> dict[str, Any]:
-        counts = {state: len(self.spool.list(state)) for state in ("incoming", "deferred", "hold", "corrupt")}
+        states = list(self.spool.states().values())
+        counts = {state: states.count(state) for state in ("incoming", "deferred", "hold", "corrupt")}
         counts["active"] = len(self.manager.in_flight)
         status: dict[str, Any] = {"pid": os.getpid(), "uptime": time.time() - self.started, "queue": counts}
         if self.filter_counters is not None:
@@ -137,7 +139,7 @@ class ControlFactory(Factory):
         message = self.spool.load(queue_id)
         state = "active" if queue_id in self.manager.in_flight else message.state
         shown = describe(message, state)
-        with open(self.spool.message_path(queue_id), "rb") as handle:
+        with open_message(self.spool.message_path(queue_id)) as handle:
             head = handle.read(HEADERS_SHOWN)
         end = head.find(b"\r\n\r\n")
         shown["headers"] = (head if end < 0 else head[: end + 2]).decode("utf-8", "replace")
@@ -161,6 +163,6 @@ class ControlFactory(Factory):
     def quarantine_show(self, request: dict[str, Any]) -> dict[str, Any]:
         queue_id = request["id"]
         shown = self.quarantine.row(self.quarantine.load(queue_id))
-        with open(self.spool.message_path(queue_id), "rb") as handle:
+        with open_message(self.spool.message_path(queue_id)) as handle:
             shown["text"] = handle.read(HEADERS_SHOWN).decode("utf-8", "replace")
         return shown

@@ -19,6 +19,7 @@ import secrets
 from collections.abc import Sequence
 
 from gateway.model import Envelope, Notify, QueuedMessage, Recipient, RecipientResult, RecipientState, Ret
+from gateway.queue import open_message
 
 FULL_RETURN_LIMIT = 50_000  # like Postfix's bounce_size_limit: bigger messages return headers only
 EXPLICIT_FULL_LIMIT = 10 * 1024 * 1024  # RET=FULL asked for: return it whole up to this size
@@ -96,7 +97,7 @@ def _remote_mta(relay: str) -> str | None:
 
 
 def _read_original(path: str, headers_only: bool) -> bytes:
-    with open(path, "rb") as original:
+    with open_message(path) as original:
         if not headers_only:
             return original.read()
         head = original.read(HEADER_LIMIT)

@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from gateway.interfaces import ITransport
 from gateway.model import Delivery, Recipient, RecipientResult
+from gateway.queue import open_message
 
 _UNSAFE = re.compile(r"[^\w.+=-]")  # \w: letters of any script, digits, _
 
@@ -93,7 +94,7 @@ class MaildirTransport:
 
     def _deliver(self, delivery: Delivery) -> list[RecipientResult]:
         try:
-            with open(delivery.message_path, "rb") as handle:
+            with open_message(delivery.message_path) as handle:
                 content = handle.read()
         except OSError as error:
             return [

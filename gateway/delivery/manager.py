@@ -105,9 +105,10 @@ class QueueManager(Service):
     def scan(self) -> None:
         """Pick up what is due: incoming messages not yet known, deferred ones whose time came."""
         now = self.clock.seconds()
-        for queue_id in self.spool.list("incoming"):
+        states = self.spool.states()
+        for queue_id in sorted(q for q, state in states.items() if state == "incoming"):
             self.wake(queue_id)
-        for queue_id in self.spool.list("deferred"):
+        for queue_id in sorted(q for q, state in states.items() if state == "deferred"):
             if queue_id in self.in_flight or queue_id in self.waiting_set:
                 continue
             try:
@@ -298,8 +299,9 @@ class QueueManager(Service):
     def summary(self) -> list[dict[str, object]]:
         """Every message in the spool, for `mailgatectl queue list`."""
         rows: list[dict[str, object]] = []
+        states = self.spool.states()
         for state in ("incoming", "active", "deferred", "hold", "corrupt"):
-            for queue_id in self.spool.list(state):
+            for queue_id in sorted(q for q, each in states.items() if each == state):
                 if state == "corrupt":
                     rows.append({"queue_id": queue_id, "state": "corrupt"})
                     continue

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 
 from gateway.interfaces import ISpool
 from gateway.model import QueuedMessage
+from gateway.queue import open_message
 
 __all__ = ["QuarantineRoom", "Selection"]
 
@@ -98,7 +99,7 @@ class QuarantineRoom:
     def head(self, queue_id: str) -> dict[str, str]:
         """A few header fields of a message (From, Subject, Date, Message-ID), decoded."""
         try:
-            with open(self.spool.message_path(queue_id), "rb") as handle:
+            with open_message(self.spool.message_path(queue_id)) as handle:
                 head = handle.read(HEAD_READ)
         except OSError:
             return {}
@@ -146,7 +147,7 @@ class QuarantineRoom:
 
     def raw(self, queue_id: str) -> bytes:
         self.load(queue_id)
-        with open(self.spool.message_path(queue_id), "rb") as handle:
+        with open_message(self.spool.message_path(queue_id)) as handle:
             return handle.read()
 
     # --- deciding -------------------------------------------------------------------

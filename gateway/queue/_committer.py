@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, fail
@@ -63,8 +63,12 @@ class Disk:
         self.fsync = fsync
         self._known_dirs: set[str] = set()
 
-    def write_file(self, path: str, chunks: Iterable[bytes]) -> None:
-        """Create `path` (it must not exist), write the chunks, fsync, close."""
+    def write_file(self, path: str, chunks: Iterable[bytes], head: Callable[[], bytes] | None = None) -> None:
+        """Create `path` (it must not exist), write the chunks, fsync, close.
+
+        `head`: called once the chunks are written, for bytes that overwrite
+        the start of the file (a header only known at the end).
+        """
         try:
             fd = os.open(path, _O_NEW, 0o600)
         except OSError as error:
@@ -74,6 +78,8 @@ class Disk:
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(fd, view) :]
+            if head is not None:
+                self.write_at_start(fd, head())
             if self.fsync:
                 os.fsync(fd)
         except OSError as error:
@@ -81,6 +87,12 @@ class Disk:
             self.unlink(path)
             raise SpoolError.from_os("write", path, error) from None
         os.close(fd)
+
+    @staticmethod
+    def write_at_start(fd: int, data: bytes) -> None:
+        written = 0
+        while written < len(data):
+            written += os.pwrite(fd, data[written:], written)
 
     def sync_file(self, fd: int, path: str) -> None:
         if self.fsync:

@@ -1,14 +1,18 @@
-"""The envelope file: a QueuedMessage as a small, readable JSON document (never pickle).
+"""The envelope: a QueuedMessage as a small, readable JSON document (never pickle).
 
-See docs/queue-format.rst for the field list. The state is *not* stored: it is
-the directory the file sits in. ``version`` grows by one with every rewrite, so
+See docs/queue-format.rst for the field list. A message's first envelope
+(version 1) is a header in front of its message file, written with it in one
+file (one create, one fsync per commit); every later version is a file of its
+own in a state directory, and there the state is *not* stored: it is the
+directory the file sits in. ``version`` grows by one with every rewrite, so
 that after a crash in the middle of a move the newest copy wins.
 """
 
 from __future__ import annotations
 
+import errno
 import json
-from typing import Any
+from typing import IO, Any
 
 from gateway.model import (
     Body,
@@ -24,6 +28,12 @@ from gateway.model import (
 )
 
 FORMAT = 1
+
+# The header of a message file: this line (the offset of the message's first
+# byte in 10 digits), then the version-1 envelope document, then padding.
+HEADER_MAGIC = b"MAILGATE-QUEUE 1 "
+HEADER_LINE = len(HEADER_MAGIC) + 11
+EMBEDDED_STATES = ("incoming", "hold")  # what a commit can make
 
 
 class EnvelopeFormatError(ValueError):
@@ -62,13 +72,20 @@ def session_fields(session: Session) -> dict[str, Any]:
     }
 
 
-def dumps(message: QueuedMessage, version: int, session: dict[str, Any] | None = None) -> bytes:
-    """The envelope file's bytes for a message (UTF-8 JSON on one line)."""
+def dumps(
+    message: QueuedMessage, version: int, session: dict[str, Any] | None = None, *, state: bool = False
+) -> bytes:
+    """The envelope file's bytes for a message (UTF-8 JSON on one line).
+
+    `state`: record the message's state in the document (the header of a
+    message file is in no state directory).
+    """
     envelope = message.envelope
     document: dict[str, Any] = {
         "format": FORMAT,
         "queue_id": message.queue_id,
         "version": version,
+        **({"state": message.state} if state else {}),
         "arrived": message.arrived,
         "size": message.size,
         "client": message.client,
@@ -114,12 +131,20 @@ def dumps(message: QueuedMessage, version: int, session: dict[str, Any] | None =
     return json.dumps(document, ensure_ascii=False).encode("utf-8") + b"\n"
 
 
-def loads(data: bytes, state: str) -> tuple[QueuedMessage, int, dict[str, Any] | None]:
-    """(message, version, session) from an envelope file; EnvelopeFormatError if unusable."""
+def loads(data: bytes, state: str | None) -> tuple[QueuedMessage, int, dict[str, Any] | None]:
+    """(message, version, session) from an envelope file; EnvelopeFormatError if unusable.
+
+    `state` is the directory the file is in; None for a message file's header,
+    which records its own.
+    """
     try:
         document = json.loads(data.decode("utf-8"))
         if document.get("format") != FORMAT:
             raise EnvelopeFormatError(f"unknown envelope format {document.get('format')!r}")
+        if state is None:
+            state = document.get("state")
+            if state not in EMBEDDED_STATES:
+                raise EnvelopeFormatError(f"bad state {state!r} in a message file's header")
         fields = document["envelope"]
         ret = fields.get("ret")
         envelope = Envelope(
@@ -176,3 +201,61 @@ def _quarantine_from(fields: Any) -> Quarantine | None:
             for hit in fields.get("hits", ())
         ),
     )
+
+
+def header(message: QueuedMessage, session: dict[str, Any] | None, reserve: int = 0) -> bytes | None:
+    """The header in front of a message file: the version-1 envelope, and where the message starts.
+
+    With `reserve`, exactly that many bytes (padded with spaces), or None if
+    the envelope does not fit in them.
+    """
+    document = dumps(message, 1, session, state=True)
+    length = HEADER_LINE + len(document)
+    if reserve:
+        if length > reserve:
+            return None
+        document += b" " * (reserve - length)
+        length = reserve
+    return HEADER_MAGIC + b"%010d\n" % length + document
+
+
+def placeholder(reserve: int) -> bytes:
+    """`reserve` bytes written first where the header is only known at the end."""
+    return HEADER_MAGIC + b"0000000000\n" + b" " * (reserve - HEADER_LINE)
+
+
+def read_header(handle: IO[bytes]) -> bytes | None:
+    """The envelope document in front of a message file, leaving `handle` at the message.
+
+    None for a message file without a header (written before the header
+    existed), with `handle` at its start. EnvelopeFormatError if the header is
+    damaged.
+    """
+    line = handle.read(HEADER_LINE)
+    if not (line.startswith(HEADER_MAGIC) and line.endswith(b"\n") and len(line) == HEADER_LINE):
+        handle.seek(0)
+        return None
+    digits = line[len(HEADER_MAGIC) : -1]
+    if not digits.isdigit() or int(digits) <= HEADER_LINE:
+        raise EnvelopeFormatError(f"bad message file header {line!r}")
+    document = handle.read(int(digits) - HEADER_LINE)
+    if len(document) != int(digits) - HEADER_LINE:
+        raise EnvelopeFormatError("the message file ends inside its header")
+    return document
+
+
+def open_message(path: str) -> IO[bytes]:
+    """A stored message file opened for reading at the message's first byte (past its header).
+
+    Raises OSError, also for a damaged header (errno EBADMSG), like `open`.
+    """
+    handle = open(path, "rb")  # noqa: SIM115 - the caller closes it
+    try:
+        read_header(handle)
+    except EnvelopeFormatError as error:
+        handle.close()
+        raise OSError(errno.EBADMSG, str(error), path) from None
+    except BaseException:
+        handle.close()
+        raise
+    return handle

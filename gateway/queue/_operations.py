@@ -1,22 +1,23 @@
 """The spool's changes as group-commit Operations: commit, update, remove.
 
 Each runs in a writer thread (see `_committer`). The order of the steps is the
-crash-safety argument of docs/queue-format.rst: data files are fsync'ed before
-they are renamed into place, the message is durable (file and directory entry)
-before its envelope appears in a state directory, and a removal unlinks the
-envelope before the message.
+crash-safety argument of docs/queue-format.rst: a file is fsync'ed before it is
+renamed into place; a commit is one file, the message behind its first
+envelope; a removal unlinks the message file, and only once that is durable
+the envelope files of later versions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from itertools import chain
 from typing import IO, Any
 
 import attrs
 
 from gateway.model import Envelope, Quarantine, QueuedMessage, RecipientState, Session
 from gateway.queue._committer import Disk, SpoolError
-from gateway.queue._format import dumps, session_fields
+from gateway.queue._format import dumps, header, placeholder, session_fields
 from gateway.queue._headers import rewrite_head
 from gateway.queue._layout import Layout
 
@@ -28,6 +29,9 @@ class Stored:
     message: QueuedMessage
     version: int
     session: dict[str, Any] | None = None
+    # the state directory holding the envelope file; None while the only
+    # envelope is the header of the message file (version 1)
+    file_state: str | None = None
 
 
 def _copy(source: IO[bytes], first: tuple[bytes, ...], size: int = 1 << 20) -> Iterator[bytes]:
@@ -43,7 +47,7 @@ def client_name(session: Session) -> str:
 
 
 class CommitOperation:
-    """A new message: message file into message/, then its envelope into incoming/."""
+    """A new message: one file, its first envelope in front of the message, into message/."""
 
     def __init__(
         self,
@@ -60,11 +64,13 @@ class CommitOperation:
         insert: tuple[int, bytes] = (0, b""),
         edit: Callable[[bytes], bytes] | None = None,
         quarantine: Quarantine | None = None,
+        reserved: int = 0,
     ) -> None:
         self.state = state  # "incoming", or "hold" for a message a filter held
         self.insert = insert  # (offset, header lines): end-of-data filters' headers
         self.edit = edit  # a change to the header section (the Subject tag), or None
         self.quarantine = quarantine
+        self.reserved = reserved  # bytes in front of a spilled message kept for the header
         size += len(insert[1])
         self.layout = layout
         self.queue_id = queue_id
@@ -75,6 +81,37 @@ class CommitOperation:
         self.arrived = arrived
         self.size = size
         self._made: list[str] = []  # files this operation created, for undo
+
+    def _stored(self) -> Stored:
+        return Stored(
+            QueuedMessage(
+                queue_id=self.queue_id,
+                envelope=self.envelope,
+                recipients=tuple(RecipientState(r) for r in self.envelope.rcpt_to),
+                arrived=self.arrived,
+                size=self.size,
+                client=client_name(self.session),
+                state=self.state,
+                quarantine=self.quarantine,
+            ),
+            1,
+            session_fields(self.session),
+        )
+
+    def _header(self, reserve: int = 0) -> bytes | None:
+        self.stored = self._stored()
+        return header(self.stored.message, self.stored.session, reserve)
+
+    def _fitted(self, room: int) -> bytes:
+        made = self._header(room)
+        if made is None:
+            raise SpoolError(f"spool: {self.queue_id}: the envelope outgrew the room kept for it")
+        return made
+
+    def _exact_header(self) -> bytes:
+        made = self._header()
+        assert made is not None
+        return made
 
     def _edited(self, pieces: Iterable[bytes]) -> Iterable[bytes]:
         if self.edit is None:
@@ -98,16 +135,24 @@ class CommitOperation:
             spill, self.spill = self.spill, None
             try:
                 spill.flush()
-                if inserted or self.edit is not None:
-                    # a big message already on disk: copy it around the new header lines
+                fitted = None
+                if not inserted and self.edit is None:
+                    fitted = self._header(self.reserved)
+                if fitted is not None:
+                    # the header goes into the space kept for it at the start
+                    disk.write_at_start(spill.fileno(), fitted)
+                    disk.sync_file(spill.fileno(), temp)
+                else:
+                    # copy the message around its new header lines, behind a header of its own
                     self._made.append(temp + ".h")
                     with open(temp, "rb") as written:
+                        written.seek(self.reserved)
                         head = written.read(offset)
-                        pieces = _copy(written, (head, inserted))
-                        disk.write_file(temp + ".h", self._edited(pieces))
+                        pieces = self._edited(_copy(written, (head, inserted)))
+                        room = len(self._exact_header()) + 64  # the size may still grow a few digits
+                        with_room = chain((placeholder(room),), pieces)
+                        disk.write_file(temp + ".h", with_room, lambda: self._fitted(room))
                     disk.rename(temp + ".h", temp)
-                else:
-                    disk.sync_file(spill.fileno(), temp)
             except OSError as error:
                 raise SpoolError.from_os("write", temp, error) from None
             finally:
@@ -116,39 +161,18 @@ class CommitOperation:
             chunks = self.chunks
             if inserted:
                 chunks = [*chunks[:1], inserted, *chunks[1:]]  # the first write is the first chunk
-            disk.write_file(temp, self._edited(chunks))
+            if self.edit is not None:
+                chunks = list(self._edited(chunks))  # the size is in the header
+            disk.write_file(temp, [self._exact_header(), *chunks])
         self.chunks = []
         directory = layout.message_dir(queue_id)
         disk.ensure_dir(directory)
-        final = layout.message(queue_id)
-        disk.rename(temp, final)
-        self._made.append(final)
-        self.stored = Stored(
-            QueuedMessage(
-                queue_id=queue_id,
-                envelope=self.envelope,
-                recipients=tuple(RecipientState(r) for r in self.envelope.rcpt_to),
-                arrived=self.arrived,
-                size=self.size,
-                client=client_name(self.session),
-                state=self.state,
-                quarantine=self.quarantine,
-            ),
-            1,
-            session_fields(self.session),
-        )
-        self._temp_envelope = layout.temp_envelope(queue_id, 1)
-        self._made.append(self._temp_envelope)
-        disk.write_file(self._temp_envelope, [dumps(self.stored.message, 1, self.stored.session)])
+        disk.rename(temp, layout.message(queue_id))
+        self._made.append(layout.message(queue_id))
         return (directory,)
 
     def publish(self, disk: Disk) -> Iterable[str]:
-        directory = self.layout.envelope_dir(self.state, self.queue_id)
-        disk.ensure_dir(directory)
-        final = self.layout.envelope(self.state, self.queue_id)
-        disk.rename(self._temp_envelope, final)
-        self._made.append(final)
-        return (directory,)
+        return ()
 
     def finish(self, disk: Disk) -> Stored:
         return self.stored
@@ -156,16 +180,17 @@ class CommitOperation:
     def undo(self, disk: Disk) -> None:
         if self.spill is not None:
             self.spill.close()
-        for path in reversed(self._made):  # the envelope first
+        for path in reversed(self._made):
             disk.unlink(path)
 
 
 class UpdateOperation:
     """A rewritten envelope file, moved to the message's (new) state directory."""
 
-    def __init__(self, layout: Layout, stored: Stored, old_state: str) -> None:
+    def __init__(self, layout: Layout, stored: Stored, old_state: str | None) -> None:
+        """`old_state`: the directory of the envelope file in force, None for the message file's header."""
         self.layout = layout
-        self.stored = stored
+        self.stored = attrs.evolve(stored, file_state=stored.message.state)
         self.old_state = old_state
         self._temp = layout.temp_envelope(stored.message.queue_id, stored.version)
         self._moved_to: str | None = None
@@ -185,7 +210,7 @@ class UpdateOperation:
         return (directory,)
 
     def finish(self, disk: Disk) -> Stored:
-        if self.old_state != self.stored.message.state:
+        if self.old_state is not None and self.old_state != self.stored.message.state:
             # not synced: after a crash the older copy loses on its version
             disk.unlink(self.layout.envelope(self.old_state, self.stored.message.queue_id))
         return self.stored
@@ -193,26 +218,30 @@ class UpdateOperation:
     def undo(self, disk: Disk) -> None:
         disk.unlink(self._temp)
         if self._moved_to is not None:
-            disk.unlink(self._moved_to)  # the old copy is still in place
+            disk.unlink(self._moved_to)  # the old copy is still in force
 
 
 class RemoveOperation:
-    """A deleted message: the envelope(s) first, then the message file."""
+    """A deleted message: its message file, then (once that is durable) its envelope files."""
 
     def __init__(self, layout: Layout, queue_id: str, states: Iterable[str]) -> None:
+        """`states`: the state directories that may hold an envelope file of it."""
         self.layout = layout
         self.queue_id = queue_id
         self.states = tuple(states)
 
     def prepare(self, disk: Disk) -> Iterable[str]:
-        for state in self.states:
-            disk.unlink(self.layout.envelope(state, self.queue_id))
         disk.unlink(self.layout.message(self.queue_id))
         if "corrupt" in self.states:
             disk.unlink(self.layout.corrupt_message(self.queue_id))
-        return ()
+        # the message file's removal is made durable first: were it to come
+        # back after a crash without the envelope files, its header (version
+        # 1) would deliver it again, also to the recipients already done
+        return (self.layout.message_dir(self.queue_id),) if self.states else ()
 
     def publish(self, disk: Disk) -> Iterable[str]:
+        for state in self.states:
+            disk.unlink(self.layout.envelope(state, self.queue_id))
         return ()
 
     def finish(self, disk: Disk) -> None:

@@ -2,13 +2,16 @@
 
 - create the spool (mode 0700) and its top directories if missing, take the lock;
 - delete everything in tmp/ (files being written when the process died);
-- read every envelope file: an unreadable or unparseable one, or one whose
-  message file is missing, goes to corrupt/ with its message (never deleted);
+- read every envelope file: an unreadable or unparseable one goes to corrupt/
+  with its message (never deleted); one whose message file is gone is what a
+  removal cut short leaves (the message file goes first): it is deleted;
 - of two copies of an envelope (a crash in the middle of a move) keep the
   higher version;
 - move what was in active/ back to incoming/;
-- delete message files that have no envelope (a commit that never completed,
-  or a removal that did not finish): nothing was acknowledged for them.
+- read the header of every message file that has no envelope file: its first
+  envelope puts it in incoming or hold; a damaged header sends it to corrupt/;
+  a message file without a header and without an envelope file (written by a
+  version that kept the first envelope apart, and never committed) is deleted.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import attrs
 from twisted.logger import Logger
 
 from gateway.queue._committer import Disk, SpoolError
-from gateway.queue._format import EnvelopeFormatError, loads
+from gateway.queue._format import EnvelopeFormatError, loads, read_header
 from gateway.queue._ids import is_queue_id
 from gateway.queue._layout import (
     ENVELOPE_SUFFIX,
@@ -79,12 +82,11 @@ class Recovery:
             queue_id = name[: -len(MESSAGE_SUFFIX)]
             if (
                 name.endswith(MESSAGE_SUFFIX)
+                and is_queue_id(queue_id)
                 and queue_id not in self.stored
                 and queue_id not in self.corrupt_ids
             ):
-                log.info("spool: removing {path}: no envelope", path=os.path.join(directory, name))
-                if disk.unlink(os.path.join(directory, name)):
-                    self._removed += 1
+                self._examine_message(disk, queue_id, os.path.join(directory, name))
         return sorted(self._dirty)
 
     def publish(self, disk: Disk) -> Iterable[str]:
@@ -128,10 +130,14 @@ class Recovery:
                 message, version, session = loads(handle.read(), state)
             if message.queue_id != queue_id:
                 raise EnvelopeFormatError(f"it names another queue id, {message.queue_id}")
-            if not os.path.exists(self.layout.message(queue_id)):
-                raise EnvelopeFormatError("its message file is missing")
         except (OSError, EnvelopeFormatError) as error:
             self._to_corrupt(disk, queue_id, path, str(error))
+            return
+        if not os.path.exists(self.layout.message(queue_id)):
+            log.info("spool: {queue_id}: finishing a removal: deleting {path}", queue_id=queue_id, path=path)
+            disk.unlink(path)
+            self._dirty.add(directory)
+            self._removed += 1
             return
         kept = self.stored.get(queue_id)
         if kept is not None and kept.version >= version:
@@ -141,8 +147,27 @@ class Recovery:
         if kept is not None:
             disk.unlink(places[queue_id])
             self._dirty.add(os.path.dirname(places[queue_id]))
-        self.stored[queue_id] = Stored(message, version, session)
+        self.stored[queue_id] = Stored(message, version, session, file_state=state)
         places[queue_id] = path
+
+    def _examine_message(self, disk: Disk, queue_id: str, path: str) -> None:
+        """A message file with no envelope file: its header holds its first envelope."""
+        try:
+            with open(path, "rb") as handle:
+                document = read_header(handle)
+            if document is not None:
+                message, version, session = loads(document, None)
+                if message.queue_id != queue_id:
+                    raise EnvelopeFormatError(f"it names another queue id, {message.queue_id}")
+        except (OSError, EnvelopeFormatError) as error:
+            self._to_corrupt(disk, queue_id, path, str(error))
+            return
+        if document is None:
+            log.info("spool: removing {path}: no envelope", path=path)
+            if disk.unlink(path):
+                self._removed += 1
+            return
+        self.stored[queue_id] = Stored(message, version, session)
 
     def _to_corrupt(self, disk: Disk, queue_id: str, path: str, reason: str) -> None:
         log.error(
@@ -153,8 +178,9 @@ class Recovery:
         )
         directory = self.layout.envelope_dir("corrupt", queue_id)
         disk.ensure_dir(directory)
-        disk.rename(path, self.layout.envelope("corrupt", queue_id))
         message = self.layout.message(queue_id)
+        if path != message:  # else the damage is in the message file's header
+            disk.rename(path, self.layout.envelope("corrupt", queue_id))
         if os.path.exists(message):
             disk.rename(message, self.layout.corrupt_message(queue_id))
             self._dirty.add(os.path.dirname(message))
@@ -168,5 +194,7 @@ class Recovery:
         disk.ensure_dir(directory)
         disk.rename(path, self.layout.envelope("incoming", queue_id))
         self._dirty.update((directory, os.path.dirname(path)))
-        self.stored[queue_id] = attrs.evolve(stored, message=attrs.evolve(stored.message, state="incoming"))
+        self.stored[queue_id] = attrs.evolve(
+            stored, message=attrs.evolve(stored.message, state="incoming"), file_state="incoming"
+        )
         self._requeued += 1

@@ -165,6 +165,9 @@ class MemorySpool:
             raise ValueError(f"unknown queue state {state!r}; one of {', '.join(STATES)}")
         return sorted(queue_id for queue_id, message in self.messages.items() if message.state == state)
 
+    def states(self) -> dict[str, str]:
+        return {queue_id: message.state for queue_id, message in self.messages.items()}
+
     def load(self, queue_id: str) -> QueuedMessage:
         return self.messages[queue_id]
 

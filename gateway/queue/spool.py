@@ -2,9 +2,10 @@
 
 The layout, the envelope file format and the crash-safety argument are in
 docs/queue-format.rst. In short: ``spool/message/X/Y/<id>.eml`` holds the
-message bytes for the message's whole life; ``spool/<state>/X/Y/<id>.json``
-holds its envelope and per-recipient state, and where that file sits *is* the
-message's state. Every change goes through the group-commit writer
+message bytes for the message's whole life, behind a header with its first
+envelope (a commit is one file); every later envelope, with the per-recipient
+state, is a ``spool/<state>/X/Y/<id>.json`` file, and where that file sits *is*
+the message's state. Every change goes through the group-commit writer
 (`gateway.queue._committer`), so fsync never runs in the reactor thread.
 """
 
@@ -26,10 +27,17 @@ from zope.interface import implementer
 from gateway.interfaces import IIncomingMessage, ISpool
 from gateway.model import Envelope, Quarantine, QueuedMessage, Session
 from gateway.queue._committer import Disk, GroupCommitter, SpoolError
-from gateway.queue._format import EnvelopeFormatError, loads
+from gateway.queue._format import (
+    EMBEDDED_STATES,
+    EnvelopeFormatError,
+    loads,
+    open_message,
+    placeholder,
+    read_header,
+)
 from gateway.queue._headers import prefix_subject
 from gateway.queue._ids import QueueIds, is_queue_id
-from gateway.queue._layout import ENVELOPE_SUFFIX, MESSAGE_SUFFIX, STATES, Layout
+from gateway.queue._layout import ENVELOPE_SUFFIX, MESSAGE_SUFFIX, MESSAGES, STATES, Layout
 from gateway.queue._operations import CommitOperation, RemoveOperation, Stored, UpdateOperation
 from gateway.queue._recovery import Recovery, RecoveryReport
 
@@ -39,6 +47,7 @@ log = Logger(namespace="mailgate.spool")
 T = TypeVar("T")
 
 MEMORY_LIMIT = 256 * 1024  # bytes of a message kept in memory before it spills to tmp/
+RESERVED = 8192  # bytes kept for the header in front of a message spilled to tmp/
 _O_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -69,7 +78,9 @@ class SpoolMessage:
             return io.BytesIO(b"".join(self._chunks))
         try:
             self._spill.flush()
-            return builtins.open(self._spool.layout.temp_message(self.queue_id), "rb")
+            handle = builtins.open(self._spool.layout.temp_message(self.queue_id), "rb")  # noqa: SIM115
+            handle.seek(RESERVED)
+            return handle
         except OSError as error:
             raise SpoolError.from_os("read", self._spool.layout.temp_message(self.queue_id), error) from None
 
@@ -100,6 +111,7 @@ class SpoolMessage:
             raise SpoolError.from_os("create", path, error) from None
         self._spill = spill
         try:
+            spill.write(placeholder(RESERVED))  # the header is written there at commit
             spill.writelines(self._chunks)
         except OSError as error:
             raise SpoolError.from_os("write", path, error) from None
@@ -130,6 +142,7 @@ class SpoolMessage:
             insert=(max(self._first, 0), self._inserted),
             edit=prefix_subject(self._subject_prefix) if self._subject_prefix else None,
             quarantine=quarantine,
+            reserved=RESERVED if self._spill is not None else 0,
         )
         self._chunks, self._spill = [], None
         return self._spool._commit(operation)
@@ -175,6 +188,7 @@ class DirectorySpool:
         self._remember_commits = remember_commits
         self._known: dict[str, Stored] = {}  # what this process wrote or read: no disk read needed
         self._corrupt: set[str] = set()
+        self._damaged: set[str] = set()  # unreadable message file headers, reported once
         self._subscribers: list[Callable[[str], None]] = []
         self._queued_ops: dict[str, builtins.list[Callable[[], None]]] = {}
         self._lock_fd: int | None = None
@@ -255,12 +269,37 @@ class DirectorySpool:
     def list(self, state: str) -> builtins.list[str]:
         if state not in STATES:
             raise ValueError(f"unknown queue state {state!r}; one of {', '.join(STATES)}")
-        ids = set()
-        for _, name in self.layout.files(state):
-            stem, _dot, suffix = name.rpartition(".")
-            if "." + suffix in (ENVELOPE_SUFFIX, MESSAGE_SUFFIX) and is_queue_id(stem):
-                ids.add(stem)
-        return sorted(ids)
+        if state in EMBEDDED_STATES:  # also messages whose only envelope is their header
+            return sorted(queue_id for queue_id, each in self.states().items() if each == state)
+        return sorted(self._filed((state,)))
+
+    def states(self) -> dict[str, str]:
+        """Every message in the spool and its state, from one walk of the spool."""
+        found = self._filed(STATES)
+        for _, name in self.layout.files(MESSAGES):
+            queue_id = name[: -len(MESSAGE_SUFFIX)]
+            if name.endswith(MESSAGE_SUFFIX) and queue_id not in found and is_queue_id(queue_id):
+                try:
+                    found[queue_id] = self._stored(queue_id).message.state
+                except KeyError:
+                    pass  # removed meanwhile, or an unfinished commit of an older version
+                except EnvelopeFormatError as error:
+                    if queue_id not in self._damaged:  # recovery sets it aside at the next start
+                        self._damaged.add(queue_id)
+                        log.error(
+                            "spool: {queue_id}: cannot read it: {error}", queue_id=queue_id, error=error
+                        )
+        return found
+
+    def _filed(self, states: tuple[str, ...]) -> dict[str, str]:
+        """The messages with an envelope file in these state directories, and where."""
+        filed: dict[str, str] = {}
+        for state in states:
+            for _, name in self.layout.files(state):
+                stem, _dot, suffix = name.rpartition(".")
+                if "." + suffix in (ENVELOPE_SUFFIX, MESSAGE_SUFFIX) and is_queue_id(stem):
+                    filed.setdefault(stem, state)
+        return filed
 
     def load(self, queue_id: str) -> QueuedMessage:
         return self._stored(queue_id).message
@@ -281,7 +320,7 @@ class DirectorySpool:
     def message_bytes(self, queue_id: str) -> bytes:
         """The stored message (for tests and the operator's `queue show`)."""
         try:
-            with open(self.message_path(queue_id), "rb") as handle:
+            with open_message(self.message_path(queue_id)) as handle:
                 return handle.read()
         except FileNotFoundError:
             raise KeyError(queue_id) from None
@@ -303,11 +342,29 @@ class DirectorySpool:
                 message, version, session = loads(data, state)
             except EnvelopeFormatError as error:
                 raise EnvelopeFormatError(f"{path}: {error}") from None
-            stored = Stored(message, version, session)
+            stored = Stored(message, version, session, file_state=state)
             if state != "corrupt":
                 self._known[queue_id] = stored
             return stored
-        raise KeyError(queue_id)
+        stored = self._from_header(queue_id)
+        self._known[queue_id] = stored
+        return stored
+
+    def _from_header(self, queue_id: str) -> Stored:
+        """A message whose only envelope is its message file's header."""
+        path = self.layout.message(queue_id)
+        try:
+            with open(path, "rb") as handle:
+                document = read_header(handle)
+        except FileNotFoundError:
+            raise KeyError(queue_id) from None
+        if document is None:
+            raise KeyError(queue_id)  # a message file without a header has its envelope in a state directory
+        try:
+            message, version, session = loads(document, None)
+        except EnvelopeFormatError as error:
+            raise EnvelopeFormatError(f"{path}: {error}") from None
+        return Stored(message, version, session)
 
     # --- changes ----------------------------------------------------------------
 
@@ -318,7 +375,7 @@ class DirectorySpool:
         def start() -> Deferred[None]:
             current = self._stored(message.queue_id)
             stored = Stored(message, current.version + 1, current.session)
-            operation = UpdateOperation(self.layout, stored, current.message.state)
+            operation = UpdateOperation(self.layout, stored, current.file_state)
             return self.committer.submit(operation).addCallback(self._updated)
 
         return self._in_order(message.queue_id, start)
@@ -337,7 +394,10 @@ class DirectorySpool:
 
         def start() -> Deferred[None]:
             known = self._known.get(queue_id)
-            states = (known.message.state,) if known is not None and queue_id not in self._corrupt else STATES
+            if known is None or queue_id in self._corrupt:
+                states: tuple[str, ...] = STATES
+            else:
+                states = (known.file_state,) if known.file_state is not None else ()
             operation = RemoveOperation(self.layout, queue_id, states)
             return self.committer.submit(operation).addCallback(self._removed, queue_id)
 

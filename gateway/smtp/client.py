@@ -32,6 +32,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
 from gateway.model import Body, Envelope, Recipient, RecipientResult
+from gateway.queue import open_message
 from gateway.smtp._client_protocol import ClientError, ClientProtocol, MessageSender
 from gateway.smtp.address import xtext_encode
 from gateway.smtp.reply import Reply
@@ -412,7 +413,7 @@ class ClientSession:
                 results[i] = Outcome(result, data_reply.is_transient)
             return [results[i] for i in range(len(recipients))]
         try:
-            message = open(message_path, "rb")  # noqa: SIM115 - closed by the sender
+            message = open_message(message_path)  # closed by the sender
         except OSError as error:
             raise ClientError(f"cannot read the queued message: {error}", "4.3.0") from None
         await MessageSender(self.protocol, message, settings.chunk_size, settings.data_xfer_timeout).start()

@@ -25,6 +25,7 @@ from gateway.config import RelayConfig
 from gateway.fetch import poller as poller_module
 from gateway.fetch.accounts import FetchAccount, FetchConfig, MultidropConfig
 from gateway.fetch.poller import FetchService
+from gateway.queue import open_message
 from gateway.queue.spool import DirectorySpool
 from gateway.reception import Reception
 from gateway.state.sqlite import SqliteStore
@@ -84,7 +85,7 @@ class Gateway:
         found = []
         for queue_id in sorted(self.spool.list("incoming")):
             message = self.spool.load(queue_id)
-            with open(self.spool.message_path(queue_id), "rb") as handle:
+            with open_message(self.spool.message_path(queue_id)) as handle:
                 content = handle.read()
             recipients = tuple(r.recipient.address for r in message.recipients)
             found.append((message.envelope.mail_from, recipients, content))

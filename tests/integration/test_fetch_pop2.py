@@ -22,6 +22,7 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from gateway.config import RelayConfig
 from gateway.fetch.accounts import FetchAccount, FetchConfig
 from gateway.fetch.poller import FetchService
+from gateway.queue import open_message
 from gateway.queue.spool import DirectorySpool
 from gateway.reception import Reception
 from gateway.state.sqlite import SqliteStore
@@ -142,7 +143,7 @@ class Gateway:
     def queued(self) -> list[bytes]:
         found = []
         for queue_id in sorted(self.spool.list("incoming")):
-            with open(self.spool.message_path(queue_id), "rb") as handle:
+            with open_message(self.spool.message_path(queue_id)) as handle:
                 found.append(handle.read())
         return found
 

@@ -24,6 +24,7 @@ from gateway.model import (
     Ret,
     Session,
 )
+from gateway.queue import open_message
 from gateway.queue._ids import is_queue_id
 from gateway.queue.memory import MemorySpool
 from gateway.queue.spool import DirectorySpool, SpoolError
@@ -314,7 +315,7 @@ def test_headers_added_at_the_end_go_after_the_first_write(case: SpoolCase, body
     if case.kind == "memory":
         stored = case.spool.contents[queue_id]
     else:
-        with open(case.spool.message_path(queue_id), "rb") as handle:
+        with open_message(case.spool.message_path(queue_id)) as handle:
             stored = handle.read()
     assert stored == (
         b"Received: by gateway\r\nX-Mailgate-Filters: dnsbl=tag\r\n"
@@ -338,7 +339,7 @@ def _stored(case: SpoolCase, queue_id: str) -> bytes:
     if case.kind == "memory":
         stored: bytes = case.spool.contents[queue_id]
         return stored
-    with open(case.spool.message_path(queue_id), "rb") as handle:
+    with open_message(case.spool.message_path(queue_id)) as handle:
         return handle.read()
 
 
@@ -372,6 +373,9 @@ def test_a_spam_tag_goes_in_front_of_the_subject_once(case: SpoolCase, body_size
     )
     assert stored.endswith(b"z" * body_size + b"\r\n")
     assert case.spool.load(queue_id).size == len(stored)
+    case.restart()
+    assert case.spool.load(queue_id).size == len(stored)
+    assert _stored(case, queue_id) == stored
 
 
 def test_a_spam_tag_on_a_message_without_subject_adds_one(case: SpoolCase) -> None:
@@ -413,3 +417,20 @@ def test_a_quarantined_message_is_held_with_its_record_across_a_restart(case: Sp
     case.wait(case.spool.update(attrs.evolve(stored, state="deferred", quarantine=None)))
     case.restart()
     assert case.spool.load(queue_id).quarantine is None
+
+
+def test_states_gives_every_message_and_its_state_across_a_restart(case: SpoolCase) -> None:
+    fresh, deferred = case.store(), case.store()
+    case.wait(case.spool.update(attrs.evolve(case.spool.load(deferred), state="deferred", attempts=1)))
+    message = case.spool.new_message()
+    message.write(b"Subject: x\r\n\r\nx\r\n")
+    held = case.wait(message.commit(ENVELOPE, SESSION, hold=True))
+    expected = {fresh: "incoming", deferred: "deferred", held: "hold"}
+    assert case.spool.states() == expected
+    case.restart()
+    assert case.spool.states() == expected
+    assert [case.spool.list(state) for state in ("incoming", "deferred", "hold")] == [
+        [fresh],
+        [deferred],
+        [held],
+    ]

@@ -15,7 +15,8 @@ import pytest
 
 from gateway.queue import _committer
 from gateway.queue._ids import hash_dirs
-from gateway.queue.spool import DirectorySpool, EnvelopeFormatError, SpoolError
+from gateway.model import Recipient
+from gateway.queue.spool import RESERVED, DirectorySpool, EnvelopeFormatError, SpoolError
 from gateway.queue.testing import PumpedReactor
 from tests.unit.test_spool_contract import ENVELOPE, SESSION
 
@@ -66,6 +67,15 @@ def files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
+def header_document(path: str) -> dict[str, Any]:
+    """The first envelope, in the header of a message file."""
+    with open(path, "rb") as handle:
+        line = handle.readline()
+        assert line.startswith(b"MAILGATE-QUEUE 1 ") and len(line) == 28
+        document: dict[str, Any] = json.loads(handle.read(int(line[17:27]) - 28))
+    return document
+
+
 def test_layout_modes_and_a_readable_envelope(
     tmp_path: Path, reactor: PumpedReactor, make_spool: Factory
 ) -> None:
@@ -74,13 +84,16 @@ def test_layout_modes_and_a_readable_envelope(
     x, y = hash_dirs(queue_id, 2)
     assert queue_id[-1] == x and queue_id[-2] == y
     root = tmp_path / "spool"
-    assert files(root) == [f"incoming/{x}/{y}/{queue_id}.json", "lock", f"message/{x}/{y}/{queue_id}.eml"]
+    # a commit is one file: the first envelope is the message file's header
+    assert files(root) == ["lock", f"message/{x}/{y}/{queue_id}.eml"]
     assert spool.message_path(queue_id) == str(root / "message" / x / y / f"{queue_id}.eml")
+    assert spool.message_bytes(queue_id) == b"Subject: x\r\n\r\nbody\r\n"
     assert stat.S_IMODE(root.stat().st_mode) == 0o700
-    assert stat.S_IMODE((root / "incoming" / x / y).stat().st_mode) == 0o700
+    assert stat.S_IMODE((root / "message" / x / y).stat().st_mode) == 0o700
     assert stat.S_IMODE(Path(spool.message_path(queue_id)).stat().st_mode) == 0o600
-    document = json.loads((root / "incoming" / x / y / f"{queue_id}.json").read_text())
+    document = header_document(spool.message_path(queue_id))
     assert document["format"] == 1 and document["version"] == 1 and document["queue_id"] == queue_id
+    assert document["state"] == "incoming"  # in no state directory: the header says
     assert document["envelope"]["mail_from"] == "alice@example.org"
     assert document["envelope"]["rcpt_to"][0] == {
         "address": "bob@example.com",
@@ -89,7 +102,35 @@ def test_layout_modes_and_a_readable_envelope(
     }
     assert document["recipients"][1]["status"] == "pending"
     assert document["session"]["helo"] == "client.example.org"
-    assert "state" not in document  # the directory is the state
+    # a later version is a file of its own, and its directory is its state
+    reactor.wait(spool.update(attrs.evolve(spool.load(queue_id), state="deferred", attempts=1)))
+    assert files(root) == [f"deferred/{x}/{y}/{queue_id}.json", "lock", f"message/{x}/{y}/{queue_id}.eml"]
+    document = json.loads((root / "deferred" / x / y / f"{queue_id}.json").read_text())
+    assert document["version"] == 2 and "state" not in document
+    assert stat.S_IMODE((root / "deferred" / x / y).stat().st_mode) == 0o700
+
+
+@pytest.mark.parametrize("recipients", [2, 400])
+def test_a_spilled_message_gets_its_header_in_the_room_kept_or_a_copy(
+    reactor: PumpedReactor, make_spool: Factory, recipients: int
+) -> None:
+    spool = make_spool(memory_limit=1000)
+    envelope = attrs.evolve(
+        ENVELOPE, rcpt_to=tuple(Recipient(f"recipient-number-{n}@example.com") for n in range(recipients))
+    )
+    content = b"Subject: big\r\n\r\n" + b"b" * 50_000 + b"\r\n"
+    message = spool.new_message()
+    for start in range(0, len(content), 4096):
+        message.write(content[start : start + 4096])
+    queue_id = reactor.wait(message.commit(envelope, SESSION))
+    with open(spool.message_path(queue_id), "rb") as handle:
+        offset = int(handle.readline()[17:27])
+    # two recipients fit in the 8 KiB kept at the start; 400 do not: the message is copied
+    assert (offset == RESERVED) is (recipients == 2)
+    for each in (spool, make_spool()):
+        assert each.message_bytes(queue_id) == content
+        assert each.load(queue_id).envelope == envelope
+        assert each.load(queue_id).size == len(content)
 
 
 @pytest.mark.parametrize("levels", [0, 1, 3])
@@ -97,7 +138,7 @@ def test_hash_levels(tmp_path: Path, reactor: PumpedReactor, make_spool: Factory
     spool = make_spool(hash_levels=levels)
     queue_id = store(reactor, spool)
     hashed = "/".join(queue_id[-1 - n] for n in range(levels))
-    expected = f"incoming/{hashed}/{queue_id}.json".replace("//", "/")
+    expected = f"message/{hashed}/{queue_id}.eml".replace("//", "/")
     assert expected in files(tmp_path / "spool")
     assert spool.list("incoming") == [queue_id]
     with pytest.raises(ValueError):
@@ -154,32 +195,41 @@ def test_recover_cleans_up_and_sets_aside_what_it_cannot_read(
     tmp_path: Path, reactor: PumpedReactor, make_spool: Factory
 ) -> None:
     spool = make_spool()
-    good, garbled, orphan, headless = (store(reactor, spool, b"%d\r\n" % n) for n in range(4))
+    good, garbled, headless, removed, damaged = (store(reactor, spool, b"%d\r\n" % n) for n in range(5))
+    for queue_id in (removed, damaged):  # version 2, in deferred/
+        reactor.wait(spool.update(attrs.evolve(spool.load(queue_id), state="deferred", attempts=1)))
     spilled = spool.new_message()
     spilled.write(b"z" * 10_000)  # half-received when the process "dies"
     reactor.wait(spool.stop())
     root = tmp_path / "spool"
-    Path(spool.layout.envelope("incoming", garbled)).write_bytes(b'{"format": 1, "queue_')
-    os.unlink(spool.layout.envelope("incoming", orphan))  # a removal cut short
-    os.unlink(spool.message_path(headless))  # an envelope without its message
+    with open(spool.message_path(garbled), "r+b") as handle:
+        handle.seek(40)
+        handle.write(b"\xff\xfe garbage")  # the header's envelope cannot be read
+    Path(spool.message_path(headless)).write_bytes(b"no header, no envelope file\r\n")  # never committed
+    os.unlink(spool.message_path(removed))  # a removal cut short: the message file goes first
+    Path(spool.layout.envelope("deferred", damaged)).write_bytes(b'{"format": 1, "queue_')
     Path(spool.layout.temp_envelope(good, 2)).write_bytes(b"{}")
 
     spool = make_spool()
     assert spool.recovery is not None
-    assert attrs.asdict(spool.recovery) == {"messages": 1, "requeued": 0, "removed": 3, "corrupt": 2}
+    assert attrs.asdict(spool.recovery) == {"messages": 1, "requeued": 0, "removed": 4, "corrupt": 2}
     assert spool.list("incoming") == [good]
-    assert spool.list("corrupt") == sorted([garbled, headless])
+    assert spool.list("deferred") == []
+    assert spool.list("corrupt") == sorted([garbled, damaged])
     assert files(root / "tmp") == []
-    assert not os.path.exists(spool.layout.message(orphan))
-    assert os.path.exists(spool.layout.corrupt_message(garbled))  # never deleted
-    assert spool.message_path(garbled) == spool.layout.corrupt_message(garbled)
-    assert spool.find(garbled) == "corrupt"
+    for gone in (headless, removed):
+        assert not os.path.exists(spool.layout.message(gone))
+        assert not os.path.exists(spool.layout.envelope("deferred", gone))
+    for kept in (garbled, damaged):  # never deleted
+        assert os.path.exists(spool.layout.corrupt_message(kept))
+        assert spool.message_path(kept) == spool.layout.corrupt_message(kept)
+        assert spool.find(kept) == "corrupt"
     with pytest.raises(EnvelopeFormatError):
-        spool.load(garbled)
-    assert spool.load(headless).state == "corrupt"
-    reactor.wait(spool.remove(garbled))  # the operator deletes it
-    assert spool.list("corrupt") == [headless]
-    assert not os.path.exists(spool.layout.corrupt_message(garbled))
+        spool.load(damaged)
+    assert spool.message_bytes(damaged) == b"4\r\n"
+    reactor.wait(spool.remove(damaged))  # the operator deletes it
+    assert spool.list("corrupt") == [garbled]
+    assert not os.path.exists(spool.layout.corrupt_message(damaged))
 
 
 def test_recover_keeps_the_newest_copy_after_a_move_was_cut_short(
@@ -187,15 +237,36 @@ def test_recover_keeps_the_newest_copy_after_a_move_was_cut_short(
 ) -> None:
     spool = make_spool()
     queue_id = store(reactor, spool)
-    old = Path(spool.layout.envelope("incoming", queue_id)).read_bytes()
     message = spool.load(queue_id)
-    reactor.wait(spool.update(attrs.evolve(message, state="deferred", attempts=1)))
+    reactor.wait(spool.update(attrs.evolve(message, state="deferred", attempts=1)))  # version 2
+    reactor.wait(spool.update(attrs.evolve(message, state="incoming", attempts=2)))  # version 3
+    old = Path(spool.layout.envelope("incoming", queue_id)).read_bytes()
+    reactor.wait(spool.update(attrs.evolve(message, state="deferred", attempts=3)))  # version 4
     # the crash: the new copy is in deferred/, the old one was never unlinked
     Path(spool.layout.envelope("incoming", queue_id)).write_bytes(old)
     spool = make_spool()
     assert spool.list("incoming") == []
     assert spool.list("deferred") == [queue_id]
-    assert spool.load(queue_id).attempts == 1
+    assert spool.load(queue_id).attempts == 3
+
+
+def test_a_removal_makes_the_message_file_go_first(
+    tmp_path: Path, reactor: PumpedReactor, make_spool: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = make_spool()
+    fresh, deferred = store(reactor, spool), store(reactor, spool)
+    reactor.wait(spool.update(attrs.evolve(spool.load(deferred), state="deferred", attempts=1)))
+    calls: list[str] = []
+    for name in ("unlink", "fsync"):
+        real = getattr(os, name)
+        monkeypatch.setattr(_committer.os, name, lambda *a, _n=name, _r=real: calls.append(_n) or _r(*a))
+    reactor.wait(spool.remove(fresh))
+    assert calls == ["unlink"]  # one file, nothing to order: no fsync
+    calls.clear()
+    reactor.wait(spool.remove(deferred))
+    # the message file, its directory synced, then the envelope file of version 2
+    assert calls == ["unlink", "fsync", "unlink"]
+    assert files(tmp_path / "spool") == ["lock"]
 
 
 def _failing(
@@ -214,11 +285,9 @@ def _failing(
     ("function", "fail_on"),
     [
         ("fsync", lambda n: True),  # the message file's fsync
-        ("fsync", lambda n: n == 2),  # the message directory's fsync
-        ("fsync", lambda n: n == 3),  # the envelope file's fsync
-        ("fsync", lambda n: n == 4),  # the incoming directory's fsync: envelope already renamed
+        ("fsync", lambda n: n == 2),  # the message directory's fsync: the file already renamed
         ("write", lambda n: True),
-        ("rename", lambda n: n == 2),  # the envelope's rename
+        ("rename", lambda n: True),  # the message file's rename
     ],
 )
 def test_a_full_disk_fails_the_commit_and_leaves_nothing(
@@ -275,9 +344,7 @@ def test_a_failed_update_keeps_the_previous_state(
     monkeypatch.undo()
     assert spool.load(queue_id) == message
     assert make_spool().load(queue_id) == message
-    assert [f for f in files(tmp_path / "spool") if f.endswith(".json")] == [
-        os.path.relpath(spool.layout.envelope("incoming", queue_id), tmp_path / "spool")
-    ]
+    assert [f for f in files(tmp_path / "spool") if f.endswith(".json")] == []  # the header is in force
 
 
 def test_commits_waiting_for_a_writer_share_directory_fsyncs(
@@ -297,7 +364,7 @@ def test_commits_waiting_for_a_writer_share_directory_fsyncs(
     dir_syncs = committer.dir_syncs - before[2]
     assert operations == 100 and len(set(ids)) == 100
     assert batches < 20  # one writer: the commits pile up and go in batches
-    assert dir_syncs <= 4 * batches  # message/X/Y and incoming/X/Y, per batch (and a second's turn)
+    assert dir_syncs <= 2 * batches  # message/X/Y per batch (and a second's turn)
 
 
 def test_without_fsync_nothing_is_synced(
