@@ -15,9 +15,13 @@ because a directory it needs could not be synced) is undone - its partial files
 removed - and its Deferred fails with a SpoolError; the others in the batch are
 unaffected.
 
-While all writer threads are busy, new operations accumulate; the next free
-thread takes its share of them (all of them when the others are busy), so that
-the busier the spool, the more commits share each directory fsync.
+While a writer thread is busy, new operations accumulate behind it, and the
+next free thread takes all of them, so that the busier the spool, the more
+commits share each directory fsync. A second thread is put to work only when
+`SPREAD` operations are waiting (the disk is the bottleneck, and fsyncs in
+parallel help): every thread woken for an operation or two would make a batch
+of its own, with a directory fsync of its own, and cost more CPU than it
+saves in waiting (measured in docs/benchmarks.rst).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from twisted.python.failure import Failure
 log = Logger(namespace="mailgate.spool")
 
 _O_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+SPREAD = 8  # operations waiting behind a busy writer thread before another one starts on them
 
 
 def _caught() -> Failure:
@@ -202,7 +207,10 @@ class GroupCommitter:
         self._outstanding += 1
         with self._condition:
             self._pending.append((operation, result))
-            if self._idle:
+            busy = len(self._threads) - self._idle
+            if busy and len(self._pending) < SPREAD:
+                pass  # the busy thread takes it with the others when it is done
+            elif self._idle:
                 self._condition.notify()
             elif len(self._threads) < self._max_threads:
                 thread = threading.Thread(
@@ -235,11 +243,13 @@ class GroupCommitter:
                     self._idle += 1
                     self._condition.wait()
                     self._idle -= 1
-                # a fair share: the idle threads will take the rest at once
-                share = -(-len(self._pending) // (self._idle + 1))
+                # everything, or with enough waiting for several threads a fair share
+                share = len(self._pending)
+                if share >= 2 * SPREAD and self._idle:
+                    share = -(-share // (self._idle + 1))
                 batch = self._pending[:share]
                 del self._pending[:share]
-                if self._pending and self._idle:
+                if len(self._pending) >= SPREAD and self._idle:
                     self._condition.notify()
             self._reactor.callFromThread(self._deliver, self._run(batch))
 
