@@ -175,3 +175,20 @@ def worker_pids(parent: int) -> list[int]:
         if ppid == parent and b"gateway.smtp.workers" in command:
             found.append(int(name))
     return sorted(found)
+
+
+def gateway_memory(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of a gateway: its main process and its SMTP workers summed, in KiB.
+
+    The summed VmHWM is an upper bound of the peak of the sum.
+    """
+    total = {"VmRSS": 0, "VmHWM": 0}
+    for each in (pid, *worker_pids(pid)):
+        for key, value in proc_memory(each).items():
+            total[key] += value
+    return total
+
+
+def gateway_fds(pid: int) -> int:
+    """Open files of a gateway's main process and its SMTP workers."""
+    return sum(open_fds(each) for each in (pid, *worker_pids(pid)))

@@ -54,7 +54,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 from _postfix import PostfixInstance  # noqa: E402
-from _sysstat import Snapshot, compare, open_fds, proc_memory, worker_pids  # noqa: E402
+from _sysstat import Snapshot, compare, gateway_fds, gateway_memory, worker_pids  # noqa: E402
 
 HOST = "127.0.0.1"
 SINK_PORT = 2526
@@ -348,7 +348,7 @@ def measure(
             if delivered_at is None and delivered >= count:
                 delivered_at = now
             if memory_pid and now >= next_memory:
-                rss_max = max(rss_max, proc_memory(memory_pid)["VmRSS"])
+                rss_max = max(rss_max, gateway_memory(memory_pid)["VmRSS"])
                 next_memory = now + 0.25
             if source_done is not None and (delivered_at is not None or delivered >= count):
                 break
@@ -394,7 +394,7 @@ def measure(
         }
         if memory_pid:
             result["rss_max_kib"] = rss_max
-            result.update({k.lower() + "_kib": v for k, v in proc_memory(memory_pid).items()})
+            result.update({k.lower() + "_kib": v for k, v in gateway_memory(memory_pid).items()})
         return result
     finally:
         for profiler in profilers:
@@ -512,9 +512,10 @@ def run_hold(args: argparse.Namespace, procs: Processes, work: str, out: IO[str]
     gw = Gateway(procs, directory, args.python)
     holder = None
     try:
-        idle = proc_memory(gw.pid)
+        idle = gateway_memory(gw.pid)
         print(
-            f"# hold: gateway pid {gw.pid} idle VmRSS {idle['VmRSS']} KiB; opening {args.hold} sessions",
+            f"# hold: gateway pid {gw.pid} (with its SMTP workers) idle VmRSS {idle['VmRSS']} KiB; "
+            f"opening {args.hold} sessions",
             flush=True,
         )
         started = time.monotonic()
@@ -546,8 +547,8 @@ def run_hold(args: argparse.Namespace, procs: Processes, work: str, out: IO[str]
         held = dict(kv.split("=") for kv in held_line.split()[1:])
         open_seconds = time.monotonic() - started
         time.sleep(2.0)
-        at_hold = proc_memory(gw.pid)
-        fds = open_fds(gw.pid)
+        at_hold = gateway_memory(gw.pid)
+        fds = gateway_fds(gw.pid)
         print(
             f"# hold: {held['open']} open, {held['failed']} failed in {open_seconds:.1f} s; "
             f"gateway VmRSS {at_hold['VmRSS']} KiB, {fds} fds",
@@ -573,7 +574,7 @@ def run_hold(args: argparse.Namespace, procs: Processes, work: str, out: IO[str]
         holder.stdin.flush()
         alive_line = holder.stdout.readline()
         alive = dict(kv.split("=") for kv in alive_line.split()[1:]) if alive_line.startswith("alive") else {}
-        final = proc_memory(gw.pid)
+        final = gateway_memory(gw.pid)
         result = {
             "target": "gateway-hold",
             "held_requested": args.hold,
