@@ -24,6 +24,7 @@ from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
+from gateway import collector
 from gateway import config as configuration
 from gateway.admin.control import ControlFactory
 from gateway.certificates import server_context
@@ -90,6 +91,7 @@ class GatewayService(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        collector.settle()
         log.info(
             "mailgate started: {hostname}, state in {state}, {listeners} SMTP listener(s)",
             hostname=self.cfg.gateway.hostname,

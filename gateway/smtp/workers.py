@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     from twisted.internet.stdio import StandardIO
     from twisted.logger import globalLogBeginner
 
+    from gateway import collector
     from gateway import config as configuration
     from gateway.filters.reload import install_sighup, reloader
     from gateway.queue.spool import DirectorySpool
@@ -262,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         os.close(fd)  # adoptStreamPort duplicated it
     if args.drop_privileges:
         become(account_of(cfg))  # the main process started us as root, before it dropped
+    collector.settle()
     reactor.run()
 
 
