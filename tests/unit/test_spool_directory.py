@@ -13,9 +13,10 @@ from typing import Any
 import attrs
 import pytest
 
-from gateway.queue import _committer
-from gateway.queue._ids import hash_dirs
 from gateway.model import Recipient
+from gateway.queue import _committer, open_message
+from gateway.queue._format import dumps
+from gateway.queue._ids import hash_dirs
 from gateway.queue.spool import RESERVED, DirectorySpool, EnvelopeFormatError, SpoolError
 from gateway.queue.testing import PumpedReactor
 from tests.unit.test_spool_contract import ENVELOPE, SESSION
@@ -376,3 +377,32 @@ def test_without_fsync_nothing_is_synced(
     queue_id = store(reactor, spool)
     assert calls == []
     assert spool.message_bytes(queue_id) == b"Subject: x\r\n\r\nbody\r\n"
+
+
+def test_a_spool_written_before_the_header_existed_is_read_as_it_is(
+    tmp_path: Path, reactor: PumpedReactor, make_spool: Factory
+) -> None:
+    """Message files without a header, their first envelope in incoming/ (the earlier format)."""
+    spool = make_spool()
+    queue_id = store(reactor, spool)
+    message = spool.load(queue_id)
+    reactor.wait(spool.stop())
+    # rewrite it the way the earlier version stored it: raw message, envelope file of version 1
+    Path(spool.message_path(queue_id)).write_bytes(b"Subject: old\r\n\r\nbody\r\n")
+    os.makedirs(os.path.dirname(spool.layout.envelope("incoming", queue_id)), exist_ok=True)
+    Path(spool.layout.envelope("incoming", queue_id)).write_bytes(dumps(message, 1, None))
+    never = "1K0AAAAAAAAAA0001"  # an unfinished commit of the earlier version: a message file alone
+    os.makedirs(os.path.dirname(spool.layout.message(never)), exist_ok=True)
+    Path(spool.layout.message(never)).write_bytes(b"Subject: never acknowledged\r\n\r\n")
+
+    spool = make_spool()
+    assert spool.recovery is not None and spool.recovery.removed == 1
+    assert not os.path.exists(spool.layout.message(never))
+    assert spool.list("incoming") == [queue_id]
+    assert spool.load(queue_id) == message
+    assert spool.message_bytes(queue_id) == b"Subject: old\r\n\r\nbody\r\n"
+    with open_message(spool.message_path(queue_id)) as handle:
+        assert handle.read() == b"Subject: old\r\n\r\nbody\r\n"
+    reactor.wait(spool.update(attrs.evolve(message, state="deferred", attempts=1)))
+    reactor.wait(spool.remove(queue_id))
+    assert files(tmp_path / "spool") == ["lock"]
