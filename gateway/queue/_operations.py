@@ -17,7 +17,15 @@ import attrs
 
 from gateway.model import Envelope, Quarantine, QueuedMessage, RecipientState, Session
 from gateway.queue._committer import Disk, SpoolError
-from gateway.queue._format import dumps, header, placeholder, session_fields
+from gateway.queue._format import (
+    EnvelopeFormatError,
+    dumps,
+    header,
+    loads,
+    placeholder,
+    read_header,
+    session_fields,
+)
 from gateway.queue._headers import rewrite_head
 from gateway.queue._layout import Layout
 
@@ -32,6 +40,25 @@ class Stored:
     # the state directory holding the envelope file; None while the only
     # envelope is the header of the message file (version 1)
     file_state: str | None = None
+
+
+def first_envelope(path: str, queue_id: str) -> Stored | None:
+    """The envelope in the header of message file `path`; None if it has no header.
+
+    EnvelopeFormatError (naming the file) if the header is damaged or names
+    another id; OSError if the file cannot be read.
+    """
+    with open(path, "rb") as handle:
+        document = read_header(handle)
+    if document is None:
+        return None
+    try:
+        message, version, session = loads(document, None)
+        if message.queue_id != queue_id:
+            raise EnvelopeFormatError(f"it names another queue id, {message.queue_id}")
+    except EnvelopeFormatError as error:
+        raise EnvelopeFormatError(f"{path}: {error}") from None
+    return Stored(message, version, session)
 
 
 def _copy(source: IO[bytes], first: tuple[bytes, ...], size: int = 1 << 20) -> Iterator[bytes]:

@@ -24,7 +24,7 @@ import attrs
 from twisted.logger import Logger
 
 from gateway.queue._committer import Disk, SpoolError
-from gateway.queue._format import EnvelopeFormatError, loads, read_header
+from gateway.queue._format import EnvelopeFormatError, loads
 from gateway.queue._ids import is_queue_id
 from gateway.queue._layout import (
     ENVELOPE_SUFFIX,
@@ -34,7 +34,7 @@ from gateway.queue._layout import (
     TEMP,
     Layout,
 )
-from gateway.queue._operations import Stored
+from gateway.queue._operations import Stored, first_envelope
 
 log = Logger(namespace="mailgate.spool")
 
@@ -153,21 +153,16 @@ class Recovery:
     def _examine_message(self, disk: Disk, queue_id: str, path: str) -> None:
         """A message file with no envelope file: its header holds its first envelope."""
         try:
-            with open(path, "rb") as handle:
-                document = read_header(handle)
-            if document is not None:
-                message, version, session = loads(document, None)
-                if message.queue_id != queue_id:
-                    raise EnvelopeFormatError(f"it names another queue id, {message.queue_id}")
+            stored = first_envelope(path, queue_id)
         except (OSError, EnvelopeFormatError) as error:
             self._to_corrupt(disk, queue_id, path, str(error))
             return
-        if document is None:
+        if stored is None:
             log.info("spool: removing {path}: no envelope", path=path)
             if disk.unlink(path):
                 self._removed += 1
             return
-        self.stored[queue_id] = Stored(message, version, session)
+        self.stored[queue_id] = stored
 
     def _to_corrupt(self, disk: Disk, queue_id: str, path: str, reason: str) -> None:
         log.error(

@@ -33,12 +33,17 @@ from gateway.queue._format import (
     loads,
     open_message,
     placeholder,
-    read_header,
 )
 from gateway.queue._headers import prefix_subject
 from gateway.queue._ids import QueueIds, is_queue_id
 from gateway.queue._layout import ENVELOPE_SUFFIX, MESSAGE_SUFFIX, MESSAGES, STATES, Layout
-from gateway.queue._operations import CommitOperation, RemoveOperation, Stored, UpdateOperation
+from gateway.queue._operations import (
+    CommitOperation,
+    RemoveOperation,
+    Stored,
+    UpdateOperation,
+    first_envelope,
+)
 from gateway.queue._recovery import Recovery, RecoveryReport
 
 __all__ = ["STATES", "DirectorySpool", "EnvelopeFormatError", "RecoveryReport", "SpoolError", "SpoolMessage"]
@@ -352,19 +357,13 @@ class DirectorySpool:
 
     def _from_header(self, queue_id: str) -> Stored:
         """A message whose only envelope is its message file's header."""
-        path = self.layout.message(queue_id)
         try:
-            with open(path, "rb") as handle:
-                document = read_header(handle)
+            stored = first_envelope(self.layout.message(queue_id), queue_id)
         except FileNotFoundError:
             raise KeyError(queue_id) from None
-        if document is None:
+        if stored is None:
             raise KeyError(queue_id)  # a message file without a header has its envelope in a state directory
-        try:
-            message, version, session = loads(document, None)
-        except EnvelopeFormatError as error:
-            raise EnvelopeFormatError(f"{path}: {error}") from None
-        return Stored(message, version, session)
+        return stored
 
     # --- changes ----------------------------------------------------------------
 
