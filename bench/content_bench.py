@@ -74,7 +74,7 @@ from _content_load import Load, Sample, Tally, percentile, to_wire  # noqa: E402
 from _sysstat import CLK_TCK, NCPU, Snapshot, compare, descendants  # noqa: E402
 from bayes_bench import fetch, split  # noqa: E402
 from filter_bench import worker_pids  # noqa: E402
-from relay_bench import SINK_PORT, Gateway, Processes, Sink  # noqa: E402
+from relay_bench import Gateway, Processes, Sink, gateway_config  # noqa: E402
 
 from tests.integration.peer_clamd import Clamd  # noqa: E402
 from tests.integration.peer_spamd import Spamd  # noqa: E402
@@ -83,26 +83,6 @@ GATEWAY_PORT = 2547
 CELLS = ("core", "bayes", "full")
 DRAIN_SECONDS = 120.0
 _OPINION = re.compile(r"filter: (\S+) (\S+) at data ")
-
-GATEWAY_CONFIG = """\
-[gateway]
-hostname = "gw.bench.test"
-state_dir = "{state}"
-user = ""
-
-[[smtp.listeners]]
-endpoint = "tcp:%(port)d:interface=127.0.0.1:backlog=1024"
-role = "inbound"
-
-[relay]
-domains = ["dest.bench.test"]
-networks = []
-
-[[routes]]
-match = "*"
-transport = "smtp:[127.0.0.1]:%(sink_port)d"
-tls = "none"
-"""
 
 BAYES_CONFIG = """
 [filters.bayes]
@@ -124,7 +104,7 @@ delete_score = 1000.0
 
 
 def config(cell: str, spamd: Spamd | None, clamd: Clamd | None) -> str:
-    text = GATEWAY_CONFIG % {"port": GATEWAY_PORT, "sink_port": SINK_PORT}
+    text = gateway_config(GATEWAY_PORT, inbound=True)
     if cell == "core":
         return text + "\n[filters]\ninbound = []\n"
     if cell == "bayes":

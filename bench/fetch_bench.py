@@ -67,6 +67,7 @@ from relay_bench import (  # noqa: E402
     Gateway,
     Processes,
     Sink,
+    gateway_config,
     port_in_use,
     py_spy,
 )
@@ -76,30 +77,14 @@ from tests.integration.peer_dovecot_mail import DovecotMail  # noqa: E402
 RECIPIENT = "rcpt@dest.bench.test"
 SENDER = "sender@outside.bench.test"
 
-GATEWAY_CONFIG = """\
-[gateway]
-hostname = "gw.bench.test"
-state_dir = "{{state}}"
-user = ""
-
-[[smtp.listeners]]
-endpoint = "tcp:{port}:interface=127.0.0.1"
-role = "submission"
-
-[relay]
-networks = ["127.0.0.0/8"]
-
-[[routes]]
-match = "*"
-transport = "smtp:[127.0.0.1]:{sink_port}"
-tls = "none"
-
+FETCH_CONFIG = """
 [filters]
 fetched = []
 
 [fetch]
 {fetch_options}
 """
+
 
 GATEWAY_ACCOUNT = """
 [[fetch.accounts]]
@@ -304,9 +289,7 @@ class Run:
         fetch_options = ""
         if self.args.per_server_sessions:
             fetch_options = f"per_server_sessions = {self.args.per_server_sessions}\n"
-        config = GATEWAY_CONFIG.format(
-            port=GATEWAY_PORT, sink_port=SINK_PORT, fetch_options=fetch_options
-        ) + "".join(accounts)
+        config = gateway_config(extra=FETCH_CONFIG.format(fetch_options=fetch_options)) + "".join(accounts)
         sink = Sink(self.procs, directory)
         gw = Gateway(self.procs, directory, self.args.python, config=config)
         profiler = None

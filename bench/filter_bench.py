@@ -55,32 +55,14 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 from _sysstat import Snapshot, compare, worker_pids  # noqa: E402
-from relay_bench import SINK_PORT, Gateway, Processes, Sink  # noqa: E402
+from relay_bench import Gateway, Processes, Sink, gateway_config  # noqa: E402
 
 HOST = "127.0.0.1"
 GATEWAY_PORT = 2537
 ZONES = ("z1.bench.test", "z2.bench.test", "z3.bench.test")
 STALLED = 1000
 
-GATEWAY_CONFIG = """\
-[gateway]
-hostname = "gw.bench.test"
-state_dir = "{state}"
-user = ""
-
-[[smtp.listeners]]
-endpoint = "tcp:{port}:interface=127.0.0.1:backlog=1024"
-role = "inbound"
-
-[relay]
-domains = ["dest.bench.test"]
-networks = []
-
-[[routes]]
-match = "*"
-transport = "smtp:[127.0.0.1]:{sink_port}"
-tls = "none"
-
+DNS_CONFIG = """
 [dns]
 nameservers = ["127.0.0.1:{dns_port}"]
 timeout = "60s"
@@ -166,7 +148,7 @@ def free_udp_port() -> int:
 
 
 def gateway(procs: Processes, directory: str, dns_port: int, chain: bool) -> Gateway:
-    config = GATEWAY_CONFIG.format(state="{state}", port=GATEWAY_PORT, dns_port=dns_port, sink_port=SINK_PORT)
+    config = gateway_config(GATEWAY_PORT, inbound=True, extra=DNS_CONFIG.format(dns_port=dns_port))
     return Gateway(procs, directory, sys.executable, config + (CHAIN_CONFIG if chain else ""), GATEWAY_PORT)
 
 

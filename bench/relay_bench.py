@@ -65,24 +65,33 @@ HELO = "client.bench.test"
 SENDER = "sender@client.bench.test"
 RECIPIENT = "rcpt@dest.bench.test"
 
-GATEWAY_CONFIG = """\
+
+def gateway_config(port: int = GATEWAY_PORT, *, inbound: bool = False, extra: str = "") -> str:
+    """A benchmarked gateway's configuration; "{state}" stands for its state directory.
+
+    One listener on 127.0.0.1:`port`, everything routed to smtp-sink without
+    TLS. A submission listener relaying for 127.0.0.0/8, or with `inbound` an
+    Internet one taking mail for dest.bench.test only. `extra` is appended.
+    """
+    relay = 'domains = ["dest.bench.test"]\nnetworks = []' if inbound else 'networks = ["127.0.0.0/8"]'
+    return f"""\
 [gateway]
 hostname = "gw.bench.test"
-state_dir = "{state}"
+state_dir = "{{state}}"
 user = ""
 
 [[smtp.listeners]]
 endpoint = "tcp:{port}:interface=127.0.0.1:backlog=1024"
-role = "submission"
+role = "{"inbound" if inbound else "submission"}"
 
 [relay]
-networks = ["127.0.0.0/8"]
+{relay}
 
 [[routes]]
 match = "*"
-transport = "smtp:[127.0.0.1]:{sink_port}"
+transport = "smtp:[127.0.0.1]:{SINK_PORT}"
 tls = "none"
-"""
+{extra}"""
 
 
 class BenchError(Exception):
@@ -219,15 +228,14 @@ class Gateway:
         config: str | None = None,
         port: int = GATEWAY_PORT,
     ) -> None:
-        """`config` is the configuration text ("{state}" in it is the state directory)."""
+        """`config` is the configuration text ("{state}" in it is the state directory; `gateway_config`)."""
         self.directory = directory
         self.state = os.path.join(directory, "state")
         self.config = os.path.join(directory, "mailgate.toml")
         self.log = os.path.join(directory, "gateway.log")
         os.makedirs(directory, exist_ok=True)
-        text = GATEWAY_CONFIG.format(state=self.state, port=GATEWAY_PORT, sink_port=SINK_PORT)
         with open(self.config, "w") as f:
-            f.write(text if config is None else config.replace("{state}", self.state))
+            f.write((gateway_config() if config is None else config).replace("{state}", self.state))
         env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self._log = open(self.log, "wb")  # noqa: SIM115 (closed in stop())
         self.proc = procs.start(
