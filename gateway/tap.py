@@ -210,7 +210,9 @@ def smtp_factory_maker(
     return make_factory, services
 
 
-def make_reception(cfg: configuration.Config, spool: Any, reactor: Any, services: Any = None) -> Reception:
+def make_reception(
+    cfg: configuration.Config, spool: Any, reactor: Any, services: Any = None, dns: Any = None
+) -> Reception:
     """The reception with the configured filter chains (raises ConfigError for a bad chain)."""
     from gateway.content import ContentReader
     from gateway.filters import FilterServices
@@ -219,7 +221,7 @@ def make_reception(cfg: configuration.Config, spool: Any, reactor: Any, services
 
     if services is None:
         outbox = SpoolOutbox(spool, cfg.gateway.hostname, cfg.postmaster)
-        services = FilterServices(cfg, reactor, outbox=outbox)
+        services = FilterServices(cfg, reactor, outbox=outbox, dns=dns)
     runner = build_runner(cfg, services)
     reader = ContentReader(reactor, cfg.content)
     return Reception(
@@ -254,7 +256,12 @@ def make_service(
         reactor,
     )
     transports.spool = spool
-    reception = make_reception(cfg, spool, reactor)
+    from gateway.filters import FilterServices
+
+    filter_services = FilterServices(
+        cfg, reactor, outbox=SpoolOutbox(spool, cfg.gateway.hostname, cfg.postmaster)
+    )
+    reception = make_reception(cfg, spool, reactor, filter_services)
     spool.subscribe(manager.wake)
     SpoolRecovery(spool, manager.scan).setServiceParent(top)  # first started, last stopped
     transports.setServiceParent(top)
@@ -286,6 +293,7 @@ def make_service(
             manager.wake,
             reactor,
             on_etrn=etrn,
+            dns=lambda: filter_services.dns,  # the workers' DNS questions are asked here (one cache)
         )
         workers.setServiceParent(top)
     else:

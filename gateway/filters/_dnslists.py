@@ -181,28 +181,7 @@ class DnsLists:
 
         With `threshold`, the TXT reason is asked for only when the score reaches it.
         """
-        # A count of answers still to come rather than a DeferredList: this runs
-        # for every client, and a cancelled score (the chain's timeout) need
-        # not cancel lookups whose answers the cache will keep.
-        results: list[list[str] | Failure] = [[] for _ in self.zones]
-        waiting = [len(self.zones)]
-        scored: Deferred[Score] = Deferred()
-
-        def settled(result: list[str] | Failure, index: int) -> None:
-            results[index] = result
-            waiting[0] -= 1
-            if waiting[0] == 0 and not scored.called:
-                try:
-                    score = self._scored(results, name)
-                except Exception:
-                    scored.errback()
-                else:
-                    scored.callback(score)
-
-        for index, zone in enumerate(self.zones):
-            self.dns.a(f"{name}.{zone}").addBoth(settled, index)
-        if not self.zones:
-            scored.callback(Score(name))
+        scored = self.dns.a_each([f"{name}.{zone}" for zone in self.zones]).addCallback(self._scored, name)
         if self.txt:
             scored.addCallback(self._reason, threshold)
         return scored

@@ -185,6 +185,30 @@ class Lookups:
         """The A records of a DNSBL name; [] when it does not exist or has none (not listed)."""
         return self._lookup(name, "A").addCallback(lambda answer: list(answer.values))
 
+    def a_each(self, names: Sequence[str]) -> Deferred[list[list[str] | Failure]]:
+        """`a` of every name at once (a DNSBL score): the A records of each, in order, or the
+        Failure of its lookup (`DnsTemporaryError`); fires once the last is in, and never fails.
+
+        Cancelling it leaves the lookups be: the cache keeps their answers.
+        """
+        # A count of answers still to come rather than a DeferredList: this runs
+        # for every new client.
+        results: list[list[str] | Failure] = [[] for _ in names]
+        waiting = [len(names)]
+        done: Deferred[list[list[str] | Failure]] = Deferred()
+
+        def settled(result: list[str] | Failure, index: int) -> None:
+            results[index] = result
+            waiting[0] -= 1
+            if waiting[0] == 0 and not done.called:
+                done.callback(results)
+
+        for index, name in enumerate(names):
+            self.a(name).addBoth(settled, index)
+        if not names:
+            done.callback(results)
+        return done
+
     def addresses(self, name: str) -> Deferred[list[str]]:
         """A then AAAA records; NoSuchDomain, DnsTemporaryError (only when neither answered)."""
         both = DeferredList([self._lookup(name, "A"), self._lookup(name, "AAAA")], consumeErrors=True)

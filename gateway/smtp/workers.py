@@ -6,7 +6,9 @@ to `smtp.workers` worker processes (``python -m gateway.smtp.workers``). Each
 worker runs the SMTP server and commits what it receives into the shared spool
 with a queue-id tag of its own; after each commit it writes the queue id on its
 stdout, and the main process's queue manager delivers it. A worker's log lines
-come to the main process on stderr and go into its log. A worker stops when its
+come to the main process on stderr and go into its log. Its filters' DNS
+questions go to the main process on a socket pair of their own
+(`gateway.filters._dnsrelay`), which asks them for all workers. A worker stops when its
 stdin closes, so a main process that dies (even by kill -9) takes its workers
 with it; a worker that dies is started again.
 """
@@ -30,6 +32,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from gateway.filters._dnsrelay import LineChannel, LookupRelay, RelayedLookups
+from gateway.filters.dns import Lookups
+
 log = Logger(namespace="mailgate.workers")
 
 RESTART_DELAY = 1.0
@@ -39,12 +44,13 @@ COUNTERS_EVERY = 5.0  # seconds between a worker's filter-counter reports to the
 class WorkerLink(ProcessProtocol):
     """The main process's end of one worker: queue ids in, log lines in."""
 
-    def __init__(self, pool: SmtpWorkers, index: int) -> None:
+    def __init__(self, pool: SmtpWorkers, index: int, dns: LineChannel | None = None) -> None:
         self.pool = pool
         self.index = index
         self._out = b""
         self._err = b""
         self.log = Logger(namespace=f"mailgate.smtpd.{index}")
+        self.dns = dns  # the main end of the worker's DNS relay
 
     def outReceived(self, data: bytes) -> None:
         self._out += data
@@ -71,6 +77,8 @@ class WorkerLink(ProcessProtocol):
             )
 
     def processEnded(self, reason: Failure) -> None:
+        if self.dns is not None:
+            self.dns.close()
         self.pool.ended(self, reason)
 
 
@@ -88,8 +96,10 @@ class SmtpWorkers(Service):
         on_queued: Callable[[str], None],
         reactor: Any,
         on_etrn: Callable[[str], None] | None = None,
+        dns: Callable[[], Lookups] | None = None,
     ) -> None:
         self.on_etrn = on_etrn  # a worker passed on an ETRN <domain>
+        self.dns = dns  # what asks the workers' DNS questions (built on first use); None: they ask themselves
         self.count = count
         self.config_path = config_path
         self.endpoints = endpoints
@@ -145,10 +155,28 @@ class SmtpWorkers(Service):
             argv += ["--config", self.config_path]
         for spec in fds:
             argv += ["--listener", spec]
+        ours = theirs = None
+        if self.dns is not None:
+            ours, theirs = socket.socketpair()
+            fd = 3 + len(self.ports)
+            child_fds[fd] = theirs.fileno()
+            argv += ["--dns-fd", str(fd)]
         link = WorkerLink(self, index)
-        self.links[index] = self.reactor.spawnProcess(
-            link, sys.executable, argv, env=dict(os.environ), path=os.getcwd(), childFDs=child_fds
-        )
+        try:
+            self.links[index] = self.reactor.spawnProcess(
+                link, sys.executable, argv, env=dict(os.environ), path=os.getcwd(), childFDs=child_fds
+            )
+        except BaseException:
+            if ours is not None:
+                ours.close()
+            raise
+        finally:
+            if theirs is not None:
+                theirs.close()  # the worker has its own copy
+        if ours is not None:
+            relay = LookupRelay(self.dns)  # type: ignore[arg-type]
+            link.dns = LineChannel(ours, self.reactor, relay.asked, lambda reason: None, at_once=True)
+            relay.send = link.dns.send
         log.info("smtpd worker {index} started (pid {pid})", index=index, pid=self.links[index].pid)
 
     def ended(self, link: WorkerLink, reason: Failure) -> None:
@@ -213,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config")
     parser.add_argument("--listener", action="append", default=[], help="fd:family:endpoint")
     parser.add_argument("--drop-privileges", action="store_true", help="become gateway.user once listening")
+    parser.add_argument("--dns-fd", type=int, help="the socket on which the main process asks DNS for us")
     args = parser.parse_args(argv)
     # filters that share state with the main process (connection counts) look at this
     os.environ["MAILGATE_WORKER"] = str(args.index)
@@ -242,7 +271,14 @@ def main(argv: list[str] | None = None) -> None:
     parent = _ParentLink(reactor)
     StandardIO(parent, reactor=reactor)  # type: ignore[no-untyped-call]
     spool.subscribe(lambda queue_id: parent.transport.write(queue_id.encode() + b"\n"))  # type: ignore[union-attr]
-    reception = make_reception(cfg, spool, reactor)
+    dns = None
+    if args.dns_fd is not None:
+        dns = RelayedLookups()
+        relay = LineChannel(
+            socket.socket(fileno=args.dns_fd), reactor, dns.answered, lambda reason: dns.lost()
+        )
+        dns.send = relay.send
+    reception = make_reception(cfg, spool, reactor, dns=dns)
     # ETRN is carried out by the main process (the queue, the fetchers): pass it on
     reception.etrn = lambda domain: parent.transport.write(b"ETRN " + domain.encode("ascii") + b"\n")  # type: ignore[union-attr]
     install_sighup(reactor, reloader(reception.runner))  # the main process passes SIGHUP on

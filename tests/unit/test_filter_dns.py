@@ -67,6 +67,15 @@ class DnsLookupsContract:
         with pytest.raises(DnsTemporaryError):
             await self.lookups.a(self.broken)
 
+    async def test_a_each_gives_every_name_its_records_or_its_failure_in_order(self) -> None:
+        names = ["3.0.0.127.bl.test", "9.0.0.127.bl.test", self.broken, "2.0.0.127.bl.test"]
+        results = await self.lookups.a_each(names)
+        assert sorted(results[0]) == ["127.0.0.10", "127.0.0.4"]
+        assert results[1] == []  # not listed
+        assert isinstance(results[2], Failure) and results[2].check(DnsTemporaryError)
+        assert results[3] == ["127.0.0.2"]
+        assert await self.lookups.a_each([]) == []
+
     async def test_addresses_ipv4_first(self) -> None:
         assert await self.lookups.addresses("mx1.example.test") == ["192.0.2.1", "2001:db8::1"]
         assert await self.lookups.addresses("v6only.test") == ["2001:db8::6"]
