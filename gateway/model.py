@@ -7,6 +7,7 @@ router and transports read them; nothing mutates them in place.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 
 import attrs
@@ -14,6 +15,7 @@ import attrs
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+@functools.lru_cache(maxsize=1024)  # several filters ask for each session's client
 def peer_address(host: str) -> IPAddress | None:
     """A peer host as an IP address (IPv4-mapped IPv6 as IPv4, any %scope dropped); None if not one."""
     try:
@@ -228,7 +230,10 @@ class Action(enum.Enum):
 
     @property
     def ends_stage(self) -> bool:
-        return self not in (Action.CONTINUE, Action.TAG, Action.COPY_TO)
+        return self in _ENDING
+
+
+_ENDING = frozenset(Action) - {Action.CONTINUE, Action.TAG, Action.COPY_TO}
 
 
 @attrs.frozen

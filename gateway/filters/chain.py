@@ -172,7 +172,9 @@ class ChainRunner:
         return snapshot
 
     def count(self, link: Link, verdict: Verdict, elapsed: float, *, failed: bool, timed_out: bool) -> None:
-        counters = self.counters.setdefault(link.name, FilterCounters())
+        counters = self.counters.get(link.name)
+        if counters is None:
+            counters = self.counters[link.name] = FilterCounters()
         counters.calls += 1
         counters.seconds += elapsed
         if failed:

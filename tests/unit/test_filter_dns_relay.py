@@ -193,3 +193,26 @@ class ChannelTests(TestCase):
         with pytest.raises(DnsTemporaryError, match="timed out"):
             await still_wanted
         await until(lambda: lookups.in_flight == 0)
+
+    async def test_any_name_arrives_as_it_was_asked(self) -> None:
+        main_end, worker_end = self.pair()
+        slow = SlowLookups()
+        asked: list[tuple[str, str]] = []
+        original = slow._lookup
+
+        def recording(name: str, rdtype: str) -> Deferred[_Answer]:
+            asked.append((name, rdtype))
+            return original(name, rdtype)
+
+        slow._lookup = recording  # type: ignore[method-assign]
+        lookups, _channel = self.worker(worker_end)
+        self.main(main_end, slow)
+        odd = ['100%d.bl.test', 'a"b\\\\c.test', "bücher.test", "new\nline.test", "%s%%"]
+        single = lookups.txt(odd[0])
+        many = lookups.a_each(odd[1:])
+        await until(lambda: len(slow.waiting) == len(odd))
+        assert asked == [(odd[0], "TXT")] + [(name, "A") for name in odd[1:]]
+        for waiting in slow.waiting:
+            waiting.callback(_Answer(("x%d",)))
+        assert await single == ["x%d"]
+        assert await many == [["x%d"]] * 4
