@@ -72,11 +72,8 @@ class LineChannel:
         reactor: Any,
         on_line: Callable[[bytes], object],
         on_lost: Callable[[Failure], object],
-        *,
-        at_once: bool = False,
     ) -> None:
         sock.setblocking(False)
-        self.at_once = at_once  # write each line as it comes, not at the end of the turn
         self.sock = sock
         self.reactor = reactor
         self.on_line = on_line
@@ -99,11 +96,7 @@ class LineChannel:
         if self._closed:
             return
         self._out.append(line)
-        if self._waiting_to_write:
-            return
-        if self.at_once:
-            self._write()
-        elif self._flush is None:
+        if self._flush is None and not self._waiting_to_write:
             self._flush = self.reactor.callLater(0, self._write)
 
     def _write(self) -> None:

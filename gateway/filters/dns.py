@@ -35,9 +35,10 @@ share one question.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -269,7 +270,7 @@ class DnsLookups(Lookups):
         self.cache_size = cache_size
         self.negative_ttl = negative_ttl
         self._cache: OrderedDict[tuple[str, str], tuple[float, _Answer]] = OrderedDict()
-        self._in_flight: dict[tuple[str, str], list[Deferred[_Answer]]] = {}
+        self._in_flight: dict[tuple[str, str], list[Callable[[_Answer | Failure], object]]] = {}
         self.questions = 0  # sent to the name servers (for tests and statistics)
         self.cache_hits = 0
 
@@ -294,27 +295,61 @@ class DnsLookups(Lookups):
         return self.querier.close()
 
     def _lookup(self, name: str, rdtype: str) -> Deferred[_Answer]:
+        result: Deferred[_Answer] = Deferred()
+
+        def notify(outcome: _Answer | Failure) -> None:
+            if result.called:
+                return  # cancelled by its filter's timeout
+            if isinstance(outcome, Failure):
+                result.errback(outcome)
+            else:
+                result.callback(outcome)
+
+        self._ask(name, rdtype, notify)
+        return result
+
+    def a_each(self, names: Sequence[str]) -> Deferred[list[list[str] | Failure]]:
+        """`Lookups.a_each` without a Deferred per name (the main process does this for every new client)."""
+        results: list[list[str] | Failure] = [[] for _ in names]
+        waiting = [len(names)]
+        done: Deferred[list[list[str] | Failure]] = Deferred()
+
+        def settled(index: int, outcome: _Answer | Failure) -> None:
+            results[index] = outcome if isinstance(outcome, Failure) else list(outcome.values)
+            waiting[0] -= 1
+            if waiting[0] == 0 and not done.called:
+                done.callback(results)
+
+        for index, name in enumerate(names):
+            self._ask(name, "A", functools.partial(settled, index))
+        if not names:
+            done.callback(results)
+        return done
+
+    def _ask(self, name: str, rdtype: str, notify: Callable[[_Answer | Failure], object]) -> None:
+        """The answer (or the Failure) for (name, type) to `notify`: from the cache, a question in
+        flight, or a new question."""
         key = (normal_name(name), rdtype)
         entry = self._cache.get(key)
         if entry is not None:
             if entry[0] > self.clock.seconds():
                 self._cache.move_to_end(key)
                 self.cache_hits += 1
-                return succeed(entry[1])
+                notify(entry[1])
+                return
             del self._cache[key]
-        result: Deferred[_Answer] = Deferred()
         waiting = self._in_flight.get(key)
         if waiting is not None:
-            waiting.append(result)
-            return result
+            waiting.append(notify)
+            return
         qname = normal_wire_name(key[0])
         if qname is None:
-            return succeed(_NOT_FOUND)  # no DNS name can be like that
-        self._in_flight[key] = [result]
+            notify(_NOT_FOUND)  # no DNS name can be like that
+            return
+        self._in_flight[key] = [notify]
         self.questions += 1
         rdtype_number = _RDTYPES.get(rdtype) or dns.rdatatype.from_text(rdtype)
         self.querier.ask(key[0], qname, rdtype_number, lambda outcome: self._settled(key, outcome))
-        return result
 
     def _settled(self, key: tuple[str, str], outcome: Response | Exception) -> None:
         """The querier's answer or error for `key`: cache it, and tell whoever waits for it."""
@@ -332,14 +367,12 @@ class DnsLookups(Lookups):
             cache.move_to_end(key)
             while len(cache) > self.cache_size:
                 cache.popitem(last=False)
-        for waiter in self._in_flight.pop(key, ()):
-            if not waiter.called:  # a waiter cancelled by its filter's timeout
-                waiter.callback(answer)
+        for notify in self._in_flight.pop(key, ()):
+            notify(answer)
 
     def _failed(self, failure: Failure, key: tuple[str, str]) -> None:
-        for waiter in self._in_flight.pop(key, ()):
-            if not waiter.called:
-                waiter.errback(failure)
+        for notify in self._in_flight.pop(key, ()):
+            notify(failure)
 
 
 def _log_problem(text: str) -> None:

@@ -175,7 +175,7 @@ class SmtpWorkers(Service):
                 theirs.close()  # the worker has its own copy
         if ours is not None:
             relay = LookupRelay(self.dns)  # type: ignore[arg-type]
-            link.dns = LineChannel(ours, self.reactor, relay.asked, lambda reason: None, at_once=True)
+            link.dns = LineChannel(ours, self.reactor, relay.asked, lambda reason: None)
             relay.send = link.dns.send
         log.info("smtpd worker {index} started (pid {pid})", index=index, pid=self.links[index].pid)
 

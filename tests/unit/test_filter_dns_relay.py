@@ -105,7 +105,7 @@ class ChannelTests(TestCase):
 
     def main(self, sock: Any, lookups: Lookups) -> LineChannel:
         relay = LookupRelay(lambda: lookups)
-        channel = LineChannel(sock, reactor, relay.asked, lambda reason: None, at_once=True)
+        channel = LineChannel(sock, reactor, relay.asked, lambda reason: None)
         relay.send = channel.send
         self.addCleanup(channel.close)
         return channel
@@ -207,7 +207,7 @@ class ChannelTests(TestCase):
         slow._lookup = recording  # type: ignore[method-assign]
         lookups, _channel = self.worker(worker_end)
         self.main(main_end, slow)
-        odd = ['100%d.bl.test', 'a"b\\\\c.test', "bücher.test", "new\nline.test", "%s%%"]
+        odd = ["100%d.bl.test", 'a"b\\\\c.test', "bücher.test", "new\nline.test", "%s%%"]
         single = lookups.txt(odd[0])
         many = lookups.a_each(odd[1:])
         await until(lambda: len(slow.waiting) == len(odd))
