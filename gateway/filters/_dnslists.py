@@ -181,12 +181,17 @@ class DnsLists:
 
         With `threshold`, the TXT reason is asked for only when the score reaches it.
         """
-        scored = self.dns.a_each([f"{name}.{zone}" for zone in self.zones]).addCallback(self._scored, name)
-        if self.txt:
-            scored.addCallback(self._reason, threshold)
-        return scored
+        return self.dns.a_each([f"{name}.{zone}" for zone in self.zones]).addCallback(
+            self._scored, name, threshold
+        )
 
-    def _scored(self, results: list[list[str] | Failure], name: str) -> Score:
+    def _scored(
+        self, results: list[list[str] | Failure], name: str, threshold: int | None = None
+    ) -> Score | Deferred[Score]:
+        score = self._score(results, name)
+        return self._reason(score, threshold) if self.txt else score
+
+    def _score(self, results: list[list[str] | Failure], name: str) -> Score:
         answers: dict[str, list[str]] = {}
         failed = []
         for zone, result in zip(self.zones, results, strict=True):

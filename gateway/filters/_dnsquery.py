@@ -25,11 +25,12 @@ a thousand questions in flight are a thousand small objects and a few sockets.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import math
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import dns.exception
@@ -448,6 +449,21 @@ class DnsQuerier:
         self.sockets: dict[int, list[_Socket]] = {4: [], 6: []}
         self.retired: list[_Socket] = []
         self.in_flight: set[_Question] = set()
+        self._together: dict[int, _Socket] | None = None  # inside together(): the socket per family
+
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        """Questions asked inside go out on one socket per family (a DNSBL score's zones).
+
+        Their answers then come back together, read in one go rather than one
+        wake-up of the reactor each. Each question still has its own random id,
+        and the socket its random port.
+        """
+        self._together = {}
+        try:
+            yield
+        finally:
+            self._together = None
 
     def query(self, name: str, rdtype: str | int) -> Deferred[Response]:
         """The name servers' answer (NOERROR or NXDOMAIN); `DnsTemporaryError` otherwise.
@@ -478,6 +494,15 @@ class DnsQuerier:
         question.send_next()
 
     def _socket(self, family: int) -> _Socket:
+        together = self._together
+        if together is not None:
+            sock = together.get(family)
+            if sock is None or sock.uses + 1 >= USES_PER_SOCKET:
+                sock = together[family] = self._any_socket(family)
+            return sock
+        return self._any_socket(family)
+
+    def _any_socket(self, family: int) -> _Socket:
         pool = self.sockets[family]
         if len(pool) < SOCKETS_PER_FAMILY:
             sock = _Socket(self, family)

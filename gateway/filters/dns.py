@@ -320,8 +320,9 @@ class DnsLookups(Lookups):
             if waiting[0] == 0 and not done.called:
                 done.callback(results)
 
-        for index, name in enumerate(names):
-            self._ask(name, "A", functools.partial(settled, index))
+        with self.querier.together():  # the answers come back on one socket, read at once
+            for index, name in enumerate(names):
+                self._ask(name, "A", functools.partial(settled, index))
         if not names:
             done.callback(results)
         return done
