@@ -237,17 +237,30 @@ class LookupRelay:
         """One ``?`` or ``*`` line from the worker (without its newline)."""
         try:
             number, *question = _decode(line[1:].decode("ascii"))
+            if not isinstance(number, int):
+                raise ValueError("no question number")
             if line[:1] == ASK:
                 rdtype, name = question
-                asked = self._lookups()._lookup(str(name), str(rdtype))
-                asked.addCallbacks(self._answer, self._failed, callbackArgs=(number,), errbackArgs=(number,))
             elif line[:1] == ASK_MANY:
                 (names,) = question
-                self._lookups().a_each([str(name) for name in names]).addCallback(self._answer_many, number)
             else:
                 raise ValueError("not a question")
         except Exception:
             log.failure("dns: a worker sent a line that is no question: {line!r}", line=line[:200])
+            return
+        try:
+            if line[:1] == ASK:
+                asked = self._lookups()._lookup(str(name), str(rdtype))
+                asked.addCallbacks(self._answer, self._failed, callbackArgs=(number,), errbackArgs=(number,))
+            else:
+                self._lookups().a_each([str(name) for name in names]).addCallback(self._answer_many, number)
+        except Exception:  # the worker is answered all the same: its filter goes on
+            failure = Failure()  # type: ignore[no-untyped-call]
+            log.failure("dns: asking a worker's question {line!r} failed", failure, line=line[:200])
+            if line[:1] == ASK:
+                self._failed(failure, number)
+            else:
+                self._answer_many([failure] * len(names), number)
 
     def _reply(self, number: int, *answer: object) -> None:
         if self.send is not None:

@@ -216,3 +216,17 @@ class ChannelTests(TestCase):
             waiting.callback(_Answer(("x%d",)))
         assert await single == ["x%d"]
         assert await many == [["x%d"]] * 4
+
+    async def test_a_question_the_main_process_fails_to_ask_is_answered_with_the_failure(self) -> None:
+        class Broken(Lookups):
+            def _lookup(self, name: str, rdtype: str) -> Deferred[_Answer]:
+                raise RuntimeError("no resolver here")
+
+        main_end, worker_end = self.pair()
+        lookups, _channel = self.worker(worker_end)
+        self.main(main_end, Broken())
+        with pytest.raises(DnsTemporaryError, match="no resolver here"):
+            await lookups.a("2.0.0.127.bl.test")
+        results = await lookups.a_each(["2.0.0.127.bl.test"])
+        assert results[0].check(DnsTemporaryError)
+        assert len(self.flushLoggedErrors(RuntimeError)) == 2
