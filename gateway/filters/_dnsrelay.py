@@ -50,6 +50,7 @@ ASK = b"?"
 ASK_MANY = b"*"
 ANSWER = b"!"
 READ_SIZE = 65536
+MAX_LINE = 1 << 20  # the longest answer (TXT records of a 64 KB TCP answer) is far shorter
 _encode = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
 _string: Callable[[str], str] = json.encoder.encode_basestring_ascii
 _decode = json.JSONDecoder().decode
@@ -133,6 +134,8 @@ class LineChannel:
         *lines, self._in = (self._in + data).split(b"\n")
         for line in lines:
             self.on_line(line)
+        if len(self._in) > MAX_LINE:
+            return ValueError(f"the other end of the DNS relay sent a line of over {MAX_LINE} bytes")
         return None
 
     def connectionLost(self, reason: Failure) -> None:
@@ -149,6 +152,8 @@ class LineChannel:
             self._flush.cancel()
         self._closed = True
         self.sock.close()
+        if not isinstance(reason.value, ConnectionDone):
+            log.error("dns: the DNS relay to the other process failed: {why}", why=reason.getErrorMessage())
         self.on_lost(reason)
 
     def close(self) -> None:

@@ -230,3 +230,19 @@ class ChannelTests(TestCase):
         results = await lookups.a_each(["2.0.0.127.bl.test"])
         assert results[0].check(DnsTemporaryError)
         assert len(self.flushLoggedErrors(RuntimeError)) == 2
+
+    async def test_a_line_without_end_is_not_kept_without_bound(self) -> None:
+        from gateway.filters import _dnsrelay
+
+        self.patch(_dnsrelay, "MAX_LINE", 1000)
+        main_end, worker_end = self.pair()
+        lookups, _channel = self.worker(worker_end)
+        waiting = lookups.a("2.0.0.127.bl.test")
+        await turns()
+        with capturedLogs() as events:
+            main_end.sendall(b"!" + b"x" * 2000)
+            with pytest.raises(DnsTemporaryError, match="main process"):
+                await waiting
+        assert [event["why"] for event in events if "relay" in event["log_format"]] == [
+            "the other end of the DNS relay sent a line of over 1000 bytes"
+        ]
