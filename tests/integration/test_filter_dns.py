@@ -14,13 +14,13 @@ import pytest
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import LoopingCall
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
 from gateway.config import DnsConfig
 from gateway.delivery.resolver import DnsTemporaryError, NoSuchDomain
 from gateway.filters._dnsquery import SOCKETS_PER_FAMILY
 from gateway.filters.dns import DnsLookups
+from tests.integration import turning
 from tests.integration.peer_rbldnsd import Rbldnsd, SilentUdpServer
 from tests.integration.peers import NsdServer, find_program, in_ci, require_program, require_root
 from tests.unit.test_filter_dns import ZONE, DnsLookupsContract
@@ -85,17 +85,8 @@ class DnsLookupsAgainstNsdContractTests(DnsLookupsContract, TestCase):
 
 
 def wait(deferred: Deferred[Any], timeout: float = 15.0) -> Any:
-    """Run the reactor until `deferred` fires (these tests are plain pytest functions)."""
-    results: list[Any] = []
-    deferred.addBoth(results.append)
-    deadline = time.monotonic() + timeout
-    while not results and time.monotonic() < deadline:
-        reactor.runUntilCurrent()  # type: ignore[attr-defined]
-        reactor.doIteration(0.01)  # type: ignore[attr-defined]
-    assert results, "no answer"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
+    """`turning.wait` with this module's shorter patience."""
+    return turning.wait(deferred, timeout)
 
 
 def lookups_for(*nameservers: str, timeout: float = 3.0) -> DnsLookups:

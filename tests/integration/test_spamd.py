@@ -15,8 +15,6 @@ from typing import Any
 import attrs
 import pytest
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
 
 from gateway.filters.chain import ChainRunner, Link, failure_verdict
 from gateway.filters.spamassassin import SpamAssassin
@@ -29,6 +27,7 @@ from gateway.scanners.spamd import SpamdClient, SpamdProtocol, request
 from gateway.smtp.reply import Reply
 from tests.integration.peer_spamd import GTUBE, Spamd
 from tests.integration.peers import free_port, require_program
+from tests.integration.turning import wait
 from tests.unit.reception_driver import config
 from tests.unit.test_spamd import SYMBOLS_SPAM
 
@@ -45,20 +44,6 @@ HAM = (
     b"Date: Mon, 23 Nov 2026 12:00:00 +0000\r\nMessage-ID: <lunch.1234@partner.test>\r\n\r\n"
     b"Hi Bob, lunch tomorrow at noon?\r\n"
 )
-
-
-def wait(deferred: Deferred[Any], timeout: float = 30.0) -> Any:
-    """Run the reactor until `deferred` fires (these tests are plain pytest functions)."""
-    results: list[Any] = []
-    deferred.addBoth(results.append)
-    deadline = time.monotonic() + timeout
-    while not results and time.monotonic() < deadline:
-        reactor.runUntilCurrent()  # type: ignore[attr-defined]
-        reactor.doIteration(0.01)  # type: ignore[attr-defined]
-    assert results, f"no answer within {timeout:g} s"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
 
 
 def spin(seconds: float) -> None:
