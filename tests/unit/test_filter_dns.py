@@ -422,7 +422,23 @@ class QuerierTests(SynchronousTestCase):
         open_ports = [port for port in self.network.ports if not port.closed]
         assert len(open_ports) <= SOCKETS_PER_FAMILY
 
-    def test_the_questions_of_one_score_share_a_socket_and_the_sockets_still_turn_over(self) -> None:
+    def test_the_questions_of_one_score_share_a_socket(self) -> None:
+        lookups = self.lookups()
+        for n in range(40):
+            names = [f"{n}.0.0.10.bl.test", f"{n}.0.0.10.other.test", f"{n}.0.0.10.third.test"]
+            scored = lookups.a_each(names)
+            batch = self.network.written[-3:]
+            assert len({port for port, _, _ in batch}) == 1
+            assert len({datagram[:2] for _, datagram, _ in batch}) == 3  # an id each
+            self.network.answer(self.zone)
+            assert result_of(scored) == [[], [], []]
+        assert len(self.network.ports) > 1  # the scores went out on the pool's sockets, not one
+        # outside a score, questions go out on any socket of the pool
+        for n in range(30):
+            lookups.a(f"{n}.1.0.10.bl.test")
+        assert len({port for port, _, _ in self.network.written[-30:]}) > 1
+
+    def test_sockets_still_turn_over_when_scores_share_them(self) -> None:
         from gateway.filters import _dnsquery
 
         self.patch(_dnsquery, "USES_PER_SOCKET", 10)
@@ -430,17 +446,11 @@ class QuerierTests(SynchronousTestCase):
         for n in range(40):
             names = [f"{n}.0.0.10.bl.test", f"{n}.0.0.10.other.test", f"{n}.0.0.10.third.test"]
             scored = lookups.a_each(names)
-            batch = self.network.written[-3:]
-            assert len({port for port, _, _ in batch}) <= 2  # one socket (two when it ran out of uses)
-            assert len({datagram[:2] for _, datagram, _ in batch}) == 3  # an id each
             self.network.answer(self.zone)
             assert result_of(scored) == [[], [], []]
         assert len(self.network.ports) >= 120 // 10
         assert len([port for port in self.network.ports if not port.closed]) <= SOCKETS_PER_FAMILY
-        # outside a score, questions go out on any socket of the pool
-        for n in range(30):
-            lookups.a(f"{n}.1.0.10.bl.test")
-        assert len({port for port, _, _ in self.network.written[-30:]}) > 1
+        assert all(len(port.protocol.pending) == 0 for port in self.network.ports)
 
 
 class ConfigTests(SynchronousTestCase):

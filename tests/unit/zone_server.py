@@ -129,12 +129,18 @@ class ZoneServer(DatagramProtocol):
 
         factory = Factory.forProtocol(lambda: _TcpServer(self.zone))
         for _attempt in range(20):
-            self.udp = self.reactor.listenUDP(0, self, interface=interface)
-            port = self.udp.getHost().port
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.bind((interface, 0))  # a port free for UDP now
+                port = probe.getsockname()[1]
             try:
                 self.tcp = self.reactor.listenTCP(port, factory, interface=interface)
-            except CannotListenError:  # free for UDP, taken for TCP (an earlier test's): try another
-                self.udp.stopListening()
+            except CannotListenError:  # taken for TCP (an earlier test's): try another
+                continue
+            try:
+                # the protocol (self) is connected only when the bind succeeds: a retry may reuse it
+                self.udp = self.reactor.listenUDP(port, self, interface=interface)
+            except CannotListenError:  # taken for UDP in the meantime
+                self.tcp.stopListening()
                 continue
             self._grow_receive_buffer()
             return f"{interface}:{port}"
