@@ -6,6 +6,7 @@ claims to be the gateway (helo)."""
 from __future__ import annotations
 
 import email
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -195,3 +196,48 @@ def test_a_helo_claiming_to_be_the_gateway_is_refused(gateway: GatewayProcess, s
     )
     assert forged.returncode != 0
     assert not delivered(gateway, "forged-helo")
+
+
+def _udp_socket_inodes() -> set[str]:
+    found = set()
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        with open(table) as handle:
+            found.update(line.split()[9] for line in list(handle)[1:])
+    return found
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            found.add(target[len("socket:[") : -1])
+    return found
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/stat") as stat:
+                if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def test_the_smtp_worker_asks_its_dns_through_the_main_process(gateway: GatewayProcess, swaks: Any) -> None:
+    accepted = send(swaks, gateway, "127.0.0.3", "asked-by-main")  # every zone is asked about it
+    assert accepted.returncode == 0, accepted.transcript
+    assert gateway.process is not None
+    main = gateway.process.pid
+    workers = _children(main)
+    assert workers, "no SMTP worker process"
+    udp = _udp_socket_inodes()
+    assert _socket_inodes(main) & udp  # the main process holds the name-server sockets
+    for worker in workers:
+        assert not _socket_inodes(worker) & udp, f"SMTP worker {worker} has UDP sockets of its own"
