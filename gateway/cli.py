@@ -192,6 +192,17 @@ def print_filter_counters(counters: dict[str, Any]) -> None:
             print(f"    {key}: {count}")
 
 
+def print_dns(numbers: dict[str, int]) -> None:
+    """The filters' DNS, for all SMTP processes (the main process asks for the workers)."""
+    asked = numbers["questions"] + numbers["cache_hits"]
+    share = 100 * numbers["cache_hits"] / asked if asked else 0.0
+    print(
+        f"dns: {numbers['questions']} questions to the name servers, {numbers['cache_hits']}"
+        f" answered from the cache ({share:.0f} %); {numbers['cached']} answers cached,"
+        f" {numbers['in_flight']} questions in flight"
+    )
+
+
 def passwd(user: str) -> None:
     from gateway.smtp.auth import hash_password
 
@@ -254,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             queue = ", ".join(f"{k} {v}" for k, v in status["queue"].items())
             print(f"mailgate is running (pid {status['pid']}, up {status['uptime']:.0f} s); queue: {queue}")
             print_filter_counters(status.get("filters", {}))
+            if "dns" in status:
+                print_dns(status["dns"])
         elif args.command == "reload":
             print(call(sock, {"command": "reload"}))
         elif args.command == "quarantine":

@@ -348,7 +348,14 @@ def make_service(
     control = StreamServerEndpointService(
         UNIXServerEndpoint(reactor, cfg.control_socket, mode=0o600, wantPID=True),
         ControlFactory(
-            manager, spool, time.time(), reload=reload, filter_counters=counters, quarantine=room, fetch=fetch
+            manager,
+            spool,
+            time.time(),
+            reload=reload,
+            filter_counters=counters,
+            quarantine=room,
+            fetch=fetch,
+            dns=filter_services.dns_stats,
         ),
     )
     control._raiseSynchronously = True

@@ -82,7 +82,9 @@ class ControlFactory(Factory):
         filter_counters: Callable[[], dict[str, Any]] | None = None,
         quarantine: QuarantineRoom | None = None,
         fetch: Any = None,
+        dns: Callable[[], dict[str, int] | None] | None = None,
     ) -> None:
+        self.dns = dns  # the filters' DNS numbers (None before its first lookup)
         self.manager = manager
         self.spool = spool
         self.started = started or time.time()
@@ -127,6 +129,9 @@ class ControlFactory(Factory):
             status["filters"] = self.filter_counters()
         if self.fetch is not None:
             status["fetch"] = self.fetch.status()
+        numbers = self.dns() if self.dns is not None else None
+        if numbers is not None:
+            status["dns"] = numbers
         return status
 
     def run_reload(self, request: dict[str, Any]) -> str:

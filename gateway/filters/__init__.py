@@ -85,6 +85,12 @@ class FilterServices:
             self._dns = DnsLookups.from_config(self.config.dns, self.reactor)
         return self._dns
 
+    def dns_stats(self) -> dict[str, int] | None:
+        """This process's DNS numbers (the SMTP workers' included: it asks for them); None
+        before the filters' first lookup, or when the DNS is not this process's own."""
+        stats = getattr(self._dns, "stats", None)
+        return stats() if stats is not None else None
+
     @property
     def store(self) -> Any:
         """The state store (`gateway.state.IStateStore`; SQLite under the state directory)."""

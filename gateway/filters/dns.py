@@ -290,6 +290,15 @@ class DnsLookups(Lookups):
         querier = DnsQuerier(reactor, servers or system_nameservers(), cfg.timeout, log_problem=_log_problem)
         return cls(querier, reactor)
 
+    def stats(self) -> dict[str, int]:
+        """What `mailgatectl status` shows: questions sent, answers from the cache, and so on."""
+        return {
+            "questions": self.questions,
+            "cache_hits": self.cache_hits,
+            "cached": len(self._cache),
+            "in_flight": len(self._in_flight),
+        }
+
     def close(self) -> Deferred[Any]:
         """Fail the lookups in flight and close the sockets."""
         return self.querier.close()

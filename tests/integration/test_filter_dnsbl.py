@@ -241,3 +241,9 @@ def test_the_smtp_worker_asks_its_dns_through_the_main_process(gateway: GatewayP
     assert _socket_inodes(main) & udp  # the main process holds the name-server sockets
     for worker in workers:
         assert not _socket_inodes(worker) & udp, f"SMTP worker {worker} has UDP sockets of its own"
+    # the same client again: its zones are answered from the main process's cache
+    again = send(swaks, gateway, "127.0.0.3", "asked-by-main-again")
+    assert again.returncode == 0, again.transcript
+    [line] = [line for line in gateway.ctl("status").stdout.splitlines() if line.startswith("dns: ")]
+    questions, hits = [int(word) for word in line.split() if word.isdigit()][:2]
+    assert questions > 0 and hits >= 4, line  # its DNSBL, RHSBL and sender-domain lookups, at least

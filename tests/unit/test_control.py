@@ -62,6 +62,15 @@ class ControlTests(TestCase):
         self.protocol.dataReceived(json.dumps(request).encode() + b"\n")
         return json.loads(self.transport.value())  # type: ignore[no-any-return]
 
+    def test_status_has_the_dns_numbers_once_there_are_any(self) -> None:
+        numbers: list[dict[str, int] | None] = [None]
+        protocol = ControlFactory(self.manager, self.spool, dns=lambda: numbers[0]).buildProtocol(None)
+        protocol.makeConnection(self.transport)
+        self.protocol = protocol
+        assert "dns" not in self.ask(command="status")["result"]  # type: ignore[operator]
+        numbers[0] = {"questions": 3, "cache_hits": 1, "cached": 3, "in_flight": 0}
+        assert self.ask(command="status")["result"]["dns"] == numbers[0]  # type: ignore[index]
+
     def test_list_shows_deferred_message_with_its_reply(self) -> None:
         answer = self.ask(command="queue.list")
         [row] = answer["result"]  # type: ignore[misc]
@@ -224,3 +233,22 @@ def test_cli_reload_failure_is_one_line_and_status_1(tmp_path: os.PathLike[str],
     assert cli.main(["--config", config, "reload"]) == 1
     thread.join()
     assert capsys.readouterr().err == f"mailgatectl: {error}\n"  # type: ignore[attr-defined]
+
+
+def test_cli_status_prints_the_dns_numbers(tmp_path: os.PathLike[str], capsys: object) -> None:
+    config = os.path.join(tmp_path, "m.toml")
+    with open(config, "w") as handle:
+        handle.write(f'[gateway]\nstate_dir = "{tmp_path}"\n')
+    status = {
+        "pid": 7,
+        "uptime": 12.0,
+        "queue": {"incoming": 0},
+        "dns": {"questions": 30, "cache_hits": 10, "cached": 25, "in_flight": 2},
+    }
+    thread, _ = serve_once(os.path.join(tmp_path, "control.sock"), {"ok": True, "result": status})
+    assert cli.main(["--config", config, "status"]) == 0
+    thread.join()
+    assert capsys.readouterr().out.splitlines()[-1] == (  # type: ignore[attr-defined]
+        "dns: 30 questions to the name servers, 10 answered from the cache (25 %); "
+        "25 answers cached, 2 questions in flight"
+    )

@@ -231,6 +231,16 @@ class CachingAndSharingTests(SynchronousTestCase):
         self.network.answer(self.zone)
         assert result_of(again) == ["192.0.2.2"]
 
+    def test_stats_count_questions_cache_hits_and_what_is_cached(self) -> None:
+        assert self.lookups.stats() == {"questions": 0, "cache_hits": 0, "cached": 0, "in_flight": 0}
+        first = self.lookups.a("mx2.example.test")
+        self.lookups.a("mx1.example.test")
+        assert self.lookups.stats()["in_flight"] == 2
+        self.network.answer(self.zone)
+        result_of(first)
+        result_of(self.lookups.a("mx2.example.test"))
+        assert self.lookups.stats() == {"questions": 2, "cache_hits": 1, "cached": 2, "in_flight": 0}
+
     def test_nxdomain_is_cached_for_the_soa_minimum(self) -> None:
         first = self.lookups.a("9.0.0.127.bl.test")
         self.network.answer(self.zone)
