@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.config import Section
-from gateway.filters.dns import Lookups
+from gateway.filters.dns import Lookups, failure_text
 
 _OCTET = r"(?:\d{1,3}|\[[0-9.;]+\])"
 _FILTER = re.compile(rf"^({_OCTET})\.({_OCTET})\.({_OCTET})\.({_OCTET})$")
@@ -214,7 +214,7 @@ class DnsLists:
                     filter=self.owner.name,
                     name=name,
                     zone=zone,
-                    error=_describe(result),
+                    error=failure_text(result),
                 )
         listings = []
         for site in self.sites:
@@ -244,10 +244,6 @@ def _is_error_code(answer: str) -> bool:
         return ipaddress.IPv4Address(answer) in _ERROR_CODES
     except ValueError:
         return False
-
-
-def _describe(failure: Failure) -> str:
-    return failure.getErrorMessage() or failure.type.__name__  # type: ignore[union-attr]
 
 
 def _one_line(text: str, limit: int = 200) -> str:

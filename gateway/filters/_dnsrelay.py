@@ -42,7 +42,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.delivery.resolver import DnsTemporaryError
-from gateway.filters.dns import Lookups, _Answer
+from gateway.filters.dns import Lookups, _Answer, failure_text
 
 log = Logger(namespace="mailgate.dns")
 
@@ -275,15 +275,29 @@ class LookupRelay:
         self._reply(number, answer.values, answer.exists)
 
     def _failed(self, failure: Failure, number: int) -> None:
-        self._reply(number, None, _describe(failure))
+        self._reply(number, None, failure_text(failure))
 
     def _answer_many(self, results: list[list[str] | Failure], number: int) -> None:
-        each = [(None, _describe(r)) if isinstance(r, Failure) else (r, True) for r in results]
+        each = [(None, failure_text(r)) if isinstance(r, Failure) else (r, True) for r in results]
         self._reply(number, each)
 
 
-def _describe(failure: Failure) -> str:
-    return failure.getErrorMessage() or failure.type.__name__  # type: ignore[union-attr]
+def worker_end(sock: socket.socket, reactor: Any) -> tuple[RelayedLookups, LineChannel]:
+    """A worker's end of the relay on `sock`: its Lookups, and the channel (closed: the relay stops)."""
+    lookups = RelayedLookups()
+    channel = LineChannel(sock, reactor, lookups.answered, lambda reason: lookups.lost())
+    lookups.send = channel.send
+    return lookups, channel
+
+
+def main_end(
+    sock: socket.socket, reactor: Any, lookups: Callable[[], Lookups]
+) -> tuple[LookupRelay, LineChannel]:
+    """The main process's end for one worker on `sock`, asking `lookups()`, and its channel."""
+    relay = LookupRelay(lookups)
+    channel = LineChannel(sock, reactor, relay.asked, lambda reason: None)
+    relay.send = channel.send
+    return relay, channel
 
 
 def relay_pair(
@@ -293,11 +307,7 @@ def relay_pair(
 
     Returns both ends and both channels (close them when done).
     """
-    main_end, worker_end = socket.socketpair()
-    worker = RelayedLookups()
-    worker_channel = LineChannel(worker_end, reactor, worker.answered, lambda reason: worker.lost())
-    worker.send = worker_channel.send
-    main = LookupRelay(lambda: lookups)
-    main_channel = LineChannel(main_end, reactor, main.asked, lambda reason: None)
-    main.send = main_channel.send
+    main_sock, worker_sock = socket.socketpair()
+    worker, worker_channel = worker_end(worker_sock, reactor)
+    main, main_channel = main_end(main_sock, reactor, lambda: lookups)
     return worker, main, worker_channel, main_channel

@@ -192,23 +192,10 @@ class Lookups:
 
         Cancelling it leaves the lookups be: the cache keeps their answers.
         """
-        # A count of answers still to come rather than a DeferredList: this runs
-        # for every new client.
-        results: list[list[str] | Failure] = [[] for _ in names]
-        waiting = [len(names)]
-        done: Deferred[list[list[str] | Failure]] = Deferred()
-
-        def settled(result: list[str] | Failure, index: int) -> None:
-            results[index] = result
-            waiting[0] -= 1
-            if waiting[0] == 0 and not done.called:
-                done.callback(results)
-
+        tally = _Tally(len(names))
         for index, name in enumerate(names):
-            self.a(name).addBoth(settled, index)
-        if not names:
-            done.callback(results)
-        return done
+            self.a(name).addBoth(tally.settle, index)
+        return tally.done
 
     def addresses(self, name: str) -> Deferred[list[str]]:
         """A then AAAA records; NoSuchDomain, DnsTemporaryError (only when neither answered)."""
@@ -246,6 +233,36 @@ class Lookups:
         """[(preference, host)] sorted; [] without MX records; NullMX for a lone "."."""
         answer = self._lookup(domain, "MX").addCallback(_existing, domain)
         return answer.addCallback(lambda records: mx_answer(domain, records))
+
+
+class _Tally:
+    """The results of `count` lookups by their index; `done` fires with them all when the last is in.
+
+    A count of answers still to come rather than a DeferredList: this runs for
+    every new client. `done` never fails, and cancelling it leaves the lookups
+    be (the cache keeps their answers).
+    """
+
+    def __init__(self, count: int) -> None:
+        self.results: list[list[str] | Failure] = [[] for _ in range(count)]
+        self.waiting = count
+        self.done: Deferred[list[list[str] | Failure]] = Deferred()
+        if not count:
+            self.done.callback(self.results)
+
+    def settle(self, result: list[str] | Failure, index: int) -> None:
+        self.results[index] = result
+        self.waiting -= 1
+        if self.waiting == 0 and not self.done.called:
+            self.done.callback(self.results)
+
+    def answered(self, index: int, outcome: _Answer | Failure) -> None:
+        self.settle(outcome if isinstance(outcome, Failure) else list(outcome.values), index)
+
+
+def failure_text(failure: Failure) -> str:
+    """What a failed lookup says, for a log line or an answer to a worker."""
+    return failure.getErrorMessage() or failure.type.__name__  # type: ignore[union-attr]
 
 
 def _existing(answer: _Answer, name: str) -> list[Any]:
@@ -319,22 +336,11 @@ class DnsLookups(Lookups):
 
     def a_each(self, names: Sequence[str]) -> Deferred[list[list[str] | Failure]]:
         """`Lookups.a_each` without a Deferred per name (the main process does this for every new client)."""
-        results: list[list[str] | Failure] = [[] for _ in names]
-        waiting = [len(names)]
-        done: Deferred[list[list[str] | Failure]] = Deferred()
-
-        def settled(index: int, outcome: _Answer | Failure) -> None:
-            results[index] = outcome if isinstance(outcome, Failure) else list(outcome.values)
-            waiting[0] -= 1
-            if waiting[0] == 0 and not done.called:
-                done.callback(results)
-
+        tally = _Tally(len(names))
         with self.querier.together():  # the answers come back on one socket, read at once
             for index, name in enumerate(names):
-                self._ask(name, "A", functools.partial(settled, index))
-        if not names:
-            done.callback(results)
-        return done
+                self._ask(name, "A", functools.partial(tally.answered, index))
+        return tally.done
 
     def _ask(self, name: str, rdtype: str, notify: Callable[[_Answer | Failure], object]) -> None:
         """The answer (or the Failure) for (name, type) to `notify`: from the cache, a question in

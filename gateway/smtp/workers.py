@@ -32,7 +32,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from gateway.filters._dnsrelay import LineChannel, LookupRelay, RelayedLookups
+from gateway.filters._dnsrelay import LineChannel, main_end, worker_end
 from gateway.filters.dns import Lookups
 
 log = Logger(namespace="mailgate.workers")
@@ -174,9 +174,7 @@ class SmtpWorkers(Service):
             if theirs is not None:
                 theirs.close()  # the worker has its own copy
         if ours is not None:
-            relay = LookupRelay(self.dns)  # type: ignore[arg-type]
-            link.dns = LineChannel(ours, self.reactor, relay.asked, lambda reason: None)
-            relay.send = link.dns.send
+            _relay, link.dns = main_end(ours, self.reactor, self.dns)  # type: ignore[arg-type]
         log.info("smtpd worker {index} started (pid {pid})", index=index, pid=self.links[index].pid)
 
     def ended(self, link: WorkerLink, reason: Failure) -> None:
@@ -273,11 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     spool.subscribe(lambda queue_id: parent.transport.write(queue_id.encode() + b"\n"))  # type: ignore[union-attr]
     dns = None
     if args.dns_fd is not None:
-        dns = RelayedLookups()
-        relay = LineChannel(
-            socket.socket(fileno=args.dns_fd), reactor, dns.answered, lambda reason: dns.lost()
-        )
-        dns.send = relay.send
+        dns, _channel = worker_end(socket.socket(fileno=args.dns_fd), reactor)
     reception = make_reception(cfg, spool, reactor, dns=dns)
     # ETRN is carried out by the main process (the queue, the fetchers): pass it on
     reception.etrn = lambda domain: parent.transport.write(b"ETRN " + domain.encode("ascii") + b"\n")  # type: ignore[union-attr]

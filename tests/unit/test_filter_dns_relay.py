@@ -20,7 +20,7 @@ from twisted.trial.unittest import TestCase
 
 from gateway.config import DnsConfig
 from gateway.delivery.resolver import DnsTemporaryError
-from gateway.filters._dnsrelay import LineChannel, LookupRelay, RelayedLookups, relay_pair
+from gateway.filters._dnsrelay import LineChannel, RelayedLookups, main_end, relay_pair, worker_end
 from gateway.filters.dns import DnsLookups, Lookups, StaticDnsLookups, _Answer
 from tests.unit.test_filter_dns import ZONE, DnsLookupsContract
 from tests.unit.zone_server import Zone, ZoneServer
@@ -97,16 +97,12 @@ class ChannelTests(TestCase):
         return main_end, worker_end
 
     def worker(self, sock: Any) -> tuple[RelayedLookups, LineChannel]:
-        lookups = RelayedLookups()
-        channel = LineChannel(sock, reactor, lookups.answered, lambda reason: lookups.lost())
-        lookups.send = channel.send
+        lookups, channel = worker_end(sock, reactor)
         self.addCleanup(channel.close)
         return lookups, channel
 
     def main(self, sock: Any, lookups: Lookups) -> LineChannel:
-        relay = LookupRelay(lambda: lookups)
-        channel = LineChannel(sock, reactor, relay.asked, lambda reason: None)
-        relay.send = channel.send
+        _relay, channel = main_end(sock, reactor, lambda: lookups)
         self.addCleanup(channel.close)
         return channel
 
