@@ -171,6 +171,45 @@ def test_a_table_full_of_open_sessions_stays_bounded() -> None:
     assert anvil.sessions == 2  # the forgotten clients' sessions are forgotten with them
 
 
+def test_a_full_table_makes_room_without_walking_every_client() -> None:
+    # a table full of clients seen inside the window (a spam run from many
+    # addresses): each new client must not cost a sweep over the whole table
+    anvil, clock = table(max_clients=1000)
+    for number in range(1000):
+        client = f"10.0.{number >> 8}.{number & 255}"
+        anvil.connect(client, 60, 600)
+        anvil.disconnect(client, 0, 4)
+    walked = 0
+    sweep = anvil.sweep
+
+    def counted_sweep(now: float | None = None) -> None:
+        nonlocal walked
+        walked += 1
+        sweep(now)
+
+    anvil.sweep = counted_sweep  # type: ignore[method-assign]
+    for number in range(200):
+        anvil.connect(f"10.1.0.{number}", 60, 600)
+    assert walked == 0
+    assert len(anvil.clients) == 1000
+    assert "10.0.0.0" not in anvil.clients  # the least recently seen went first
+    assert "10.0.3.231" in anvil.clients
+    clock.advance(61)
+    anvil.connect("10.2.0.1", 60, 600)
+    assert walked == 1  # the minute's sweep still comes
+
+
+def test_a_full_table_passes_over_clients_with_sessions_open_once() -> None:
+    anvil, _ = table(max_clients=4)
+    anvil.connect("192.0.2.1", 60, 600)  # open, and the oldest
+    for number in (2, 3, 4):
+        anvil.connect(f"192.0.2.{number}", 60, 600)
+        anvil.disconnect(f"192.0.2.{number}", 0, 1)
+    anvil.connect("192.0.2.5", 60, 600)  # .2 goes; .1, passed over, goes to the back
+    assert list(anvil.clients) == ["192.0.2.3", "192.0.2.4", "192.0.2.1", "192.0.2.5"]
+    assert anvil.sessions == 2
+
+
 # --- the wire, on its own --------------------------------------------------------------
 
 
