@@ -31,7 +31,6 @@ from gateway.interfaces import (
     IAuthGuard,
     IIncomingMessage,
     IReception,
-    ISessionObserver,
     ISpool,
 )
 from gateway.model import (
@@ -161,7 +160,7 @@ class SessionChecks:
         self.session = session
         self._counts = counts
         self.unknown_recipients = 0
-        self.observers: list[Any] = []  # filters of the connect stage to tell of the end
+        self.observers: tuple[Any, ...] = ()  # filters of the connect stage to tell of the end
         self.connect_level = _Transaction()  # what the connect stage said: for every message
         self.helo_level = _Transaction()  # what the last HELO/EHLO's stage said: for every message
         self.transaction = _Transaction()
@@ -213,12 +212,7 @@ class SessionChecks:
 
     def connect(self, session: Session) -> Deferred[Reply | None]:
         """Before the banner: None sends 220; a Reply is sent instead and the session ends."""
-        runner = self.reception.runner
-        self.observers = [
-            link.filter
-            for link in runner.links(direction_of(session), Stage.CONNECT)
-            if ISessionObserver.providedBy(link.filter)
-        ]
+        self.observers = self.reception.runner.session_observers(direction_of(session))
         return self._run(self._request(Stage.CONNECT, session), self.connect_level)
 
     def helo(self, session: Session) -> Deferred[Reply | None]:
@@ -515,7 +509,7 @@ class SessionChecks:
 
     def close(self) -> None:
         """The connection is gone: filters that saw it connect are told."""
-        observers, self.observers = self.observers, []
+        observers, self.observers = self.observers, ()
         counts = self.counts()
         for observer in observers:
             try:

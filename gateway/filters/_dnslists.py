@@ -192,6 +192,8 @@ class DnsLists:
         return self._reason(score, threshold) if self.txt else score
 
     def _score(self, results: list[list[str] | Failure], name: str) -> Score:
+        if not any(results):  # listed nowhere, and every zone answered (a Failure is true)
+            return Score(name)
         answers: dict[str, list[str]] = {}
         failed = []
         for zone, result in zip(self.zones, results, strict=True):

@@ -27,7 +27,8 @@ from gateway.config import ConfigError
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 T = TypeVar("T")
 
-_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
+# dot-separated labels of 1-63 letters, digits, "_" and "-", no label starting or ending with "-"
+_DOMAIN = re.compile(r"(?:(?!-)[a-z0-9_-]{1,63}(?<!-)\.)*(?!-)[a-z0-9_-]{1,63}(?<!-)\Z")
 _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 
@@ -105,7 +106,7 @@ def domain_key(domain: str) -> str | None:
             domain = domain.encode("idna").decode("ascii")
         except UnicodeError:
             return None
-    if not all(_LABEL.match(label) for label in domain.split(".")):
+    if not _DOMAIN.match(domain):
         return None
     return domain
 

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.filters import Request
-from gateway.interfaces import IFilter
+from gateway.interfaces import IFilter, ISessionObserver
 from gateway.model import CONTINUE, Action, Direction, Stage, Verdict
 
 log = Logger(namespace="mailgate.filter")
@@ -91,6 +91,9 @@ class Outcome:
         return sum(hit.score for hit in self.hits)
 
 
+NOTHING = Outcome()  # a stage where no filter had an opinion (frozen: one serves all)
+
+
 @attrs.define
 class FilterCounters:
     """How often one filter was asked, what it said, and how it failed."""
@@ -132,16 +135,28 @@ class ChainRunner:
         self.timer = timer
         self.counters: dict[str, FilterCounters] = {}
         self._by_stage: dict[tuple[Direction, Stage], tuple[Link, ...]] = {}
+        # the counters of each of those links, in the same order (a walk counts by index)
+        self._counters_by_stage: dict[tuple[Direction, Stage], tuple[FilterCounters, ...]] = {}
+        self._observers: dict[Direction, tuple[Any, ...]] = {}
         for direction, links in chains.items():
             for link in links:
                 self.counters.setdefault(link.name, FilterCounters())
             for stage in Stage:
-                self._by_stage[direction, stage] = tuple(
-                    link for link in links if stage in link.filter.stages
-                )
+                staged = tuple(link for link in links if stage in link.filter.stages)
+                self._by_stage[direction, stage] = staged
+                self._counters_by_stage[direction, stage] = tuple(self.counters[link.name] for link in staged)
+            self._observers[direction] = tuple(
+                link.filter
+                for link in self._by_stage[direction, Stage.CONNECT]
+                if ISessionObserver.providedBy(link.filter)
+            )
 
     def links(self, direction: Direction, stage: Stage) -> tuple[Link, ...]:
         return self._by_stage.get((direction, stage), ())
+
+    def session_observers(self, direction: Direction) -> tuple[Any, ...]:
+        """The filters of `direction`'s connect stage that want to hear of a session's end."""
+        return self._observers.get(direction, ())
 
     def all_filters(self) -> Iterator[Any]:
         """Every distinct filter object in any chain (for reload and session hooks)."""
@@ -154,8 +169,11 @@ class ChainRunner:
 
     def run(self, request: Request) -> Deferred[Outcome]:
         """Run the request's stage of its direction's chain; never fails."""
-        walk = _Walk(self, request, self.links(request.direction, request.stage))
-        return walk.go()
+        key = (request.direction, request.stage)
+        links = self._by_stage.get(key)
+        if not links:
+            return succeed(NOTHING)
+        return _Walk(self, request, links, self._counters_by_stage[key]).go()
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """The counters as plain values (for the control socket and the workers' reports).
@@ -189,10 +207,34 @@ class ChainRunner:
 class _Walk:
     """One run of one stage: a small state machine over the links."""
 
-    def __init__(self, runner: ChainRunner, request: Request, links: tuple[Link, ...]) -> None:
+    __slots__ = (
+        "copies",
+        "counters",
+        "hits",
+        "index",
+        "inline",
+        "inline_verdict",
+        "links",
+        "request",
+        "result",
+        "runner",
+        "started",
+        "tags",
+        "timed_out",
+        "timer",
+    )
+
+    def __init__(
+        self,
+        runner: ChainRunner,
+        request: Request,
+        links: tuple[Link, ...],
+        counters: tuple[FilterCounters, ...],
+    ) -> None:
         self.runner = runner
         self.request = request
         self.links = links
+        self.counters = counters  # of each link, in order
         self.index = 0
         self.tags: list[Verdict] = []
         self.copies: list[str] = []
@@ -213,14 +255,24 @@ class _Walk:
 
     def _advance(self) -> Outcome | None:
         """Run links until one waits (None) or the stage is decided (the Outcome)."""
-        while self.index < len(self.links):
-            link = self.links[self.index]
-            self.started = self.runner.timer()
+        links = self.links
+        request = self.request
+        timer = self.runner.timer
+        while self.index < len(links):
+            link = links[self.index]
+            started = self.started = timer()
             try:
-                answer = link.filter.check(self.request)
+                answer = link.filter.check(request)
             except Exception:
                 verdict = self._failed(link, Failure(), timed_out=False)  # type: ignore[no-untyped-call]
             else:
+                if answer is CONTINUE:
+                    # the usual answer, and the cheap path: counted, nothing else to do
+                    counters = self.counters[self.index]
+                    counters.calls += 1
+                    counters.seconds += timer() - started
+                    self.index += 1
+                    continue
                 if isinstance(answer, Deferred):
                     self.inline = True  # it may have fired already: then go on here
                     answer.addCallbacks(self._answered, self._errored, errbackArgs=(link,))
@@ -350,6 +402,8 @@ class _Walk:
         return None
 
     def _outcome(self, verdict: Verdict, decided_by: str | None) -> Outcome:
+        if verdict is CONTINUE and not (self.tags or self.copies or self.hits):
+            return NOTHING
         return Outcome(verdict, decided_by, tuple(self.tags), tuple(self.copies), tuple(self.hits))
 
 

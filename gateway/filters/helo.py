@@ -46,12 +46,26 @@ from gateway.model import CONTINUE, IPAddress, Stage, Verdict
 
 # letters, digits, hyphens inside; underscores too, which real hosts use and Postfix accepts
 _LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$", re.IGNORECASE)
+# a whole valid name: labels as _LABEL, the last not all digits, an optional final dot
+# (hostname_problem says what is wrong with one that does not match)
+_HOSTNAME = re.compile(
+    r"(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*"
+    r"(?![0-9]+\.?\Z)[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.?\Z",
+    re.IGNORECASE,
+)
 _INTERFACE = re.compile(r"(?:^|:)interface=((?:\\.|[^:])*)")
 _WILDCARDS = {"", "0.0.0.0", "::"}
 
 
 def hostname_problem(name: str) -> str | None:
     """Why `name` is not a valid host name, or None when it is one."""
+    if _HOSTNAME.match(name) and len(name) - name.endswith(".") <= 253:  # the usual name, in one match
+        return None
+    return _why_not_hostname(name)
+
+
+def _why_not_hostname(name: str) -> str | None:
+    """`hostname_problem`, label by label (and what it says when the one match fails)."""
     bare = name[:-1] if name.endswith(".") else name
     if not bare or len(bare) > 253:
         return "empty" if not bare else "longer than 253 characters"

@@ -49,7 +49,8 @@ from zope.interface import implementer
 
 from gateway.config import Section
 from gateway.filters import FilterServices, Request
-from gateway.filters.anvil import HORIZON, AnvilNotAsked, AuthState, ClientCounts, IAnvil
+from gateway.filters._anvil_table import AnvilTable
+from gateway.filters.anvil import HORIZON, Anvil, AnvilNotAsked, AuthState, ClientCounts, IAnvil
 from gateway.interfaces import IAuthGuard, IFilter, ISessionObserver
 from gateway.model import CONTINUE, Session, Stage, Verdict
 
@@ -127,6 +128,8 @@ class Limits:
     def __init__(self, settings: LimitsSettings, anvil: IAnvil) -> None:
         self.settings = settings
         self.anvil = anvil
+        # an anvil in this process (every SMTP worker's own) is asked straight, with no Deferred
+        self._table: AnvilTable | None = anvil.table if type(anvil) is Anvil else None
         self._counted: set[SessionKey] = set()  # sessions the anvil counted up for us
         self._auth_failures: OrderedDict[str, int] = OrderedDict()  # client -> failures known
 
@@ -152,9 +155,13 @@ class Limits:
             verdict = self._harvest(request)
         return verdict or CONTINUE
 
-    def _connect(self, session: Session) -> Deferred[Verdict]:
+    def _connect(self, session: Session) -> Verdict | Deferred[Verdict]:
         settings = self.settings
         key = _key(session)
+        if self._table is not None:
+            self._counted.add(key)
+            counts = self._table.connect(session.peer_host, settings.rate_window, settings.error_window)
+            return self._judge(counts, session)
         # Counted from now: a session that ends while we wait is counted down after
         # this, and one whose answer failed or came too late for the chain may still
         # have been counted. That is safe over the socket: the anvil counts down only
@@ -217,6 +224,9 @@ class Limits:
         if key not in self._counted:
             return
         self._counted.discard(key)
+        if self._table is not None:
+            self._table.disconnect(session.peer_host, counts.get("errors", 0), counts.get("commands", 0))
+            return
         told = self.anvil.disconnect(session.peer_host, counts.get("errors", 0), counts.get("commands", 0))
         told.addErrback(self._not_told, session)
 

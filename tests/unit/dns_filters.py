@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -12,6 +13,11 @@ from twisted.python.failure import Failure
 from gateway import config as configuration
 from gateway.filters import FilterServices, Request, registry
 from gateway.model import Direction, Envelope, Recipient, Session, Stage, Verdict
+
+# host and domain names, good and bad: odd characters, empty and long labels, final dots
+host_like_names = st.text(alphabet="aZ09_-.\u00fc\n", max_size=300) | st.from_regex(
+    r"([a-z0-9-]{1,70}\.){1,5}[a-z0-9-]{1,70}\.?"
+)
 
 
 def build(name: str, options: str, dns: Any, *, extra: str = "") -> Any:

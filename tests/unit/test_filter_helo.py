@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from gateway.delivery.resolver import DnsTemporaryError
 from gateway.filters.dns import StaticDnsLookups
-from gateway.filters.helo import address_literal, hostname_problem, listening_addresses
+from gateway.filters.helo import _why_not_hostname, address_literal, hostname_problem, listening_addresses
 from gateway.model import Action, Stage, Verdict
 from tests.unit.dns_filters import build, config_error, request, verdict_of
 
@@ -82,6 +82,16 @@ def test_the_name_check_never_raises_and_rejects_what_is_not_ascii_label_syntax(
     problem = hostname_problem(text)
     if problem is None:
         assert all(c.isascii() and (c.isalnum() or c in "-_.") for c in text)
+
+
+@given(
+    st.text(alphabet="aZ09_-.ü\n", max_size=300)
+    | st.from_regex(r"([a-z0-9-]{1,70}\.){1,5}[a-z0-9-]{1,70}\.?")
+)
+def test_the_one_match_agrees_with_the_label_by_label_check(text: str) -> None:
+    # hostname_problem answers the usual name with one regular expression and
+    # asks the label-by-label check only when that fails: both must agree
+    assert (hostname_problem(text) is None) == (_why_not_hostname(text) is None)
 
 
 def test_address_literals() -> None:

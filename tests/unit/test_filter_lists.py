@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 
 from gateway import config as configuration
 from gateway.filters import FilterServices, Request
-from gateway.filters._listfile import Kind, parse_client, parse_pattern, read_list_file
+from gateway.filters._listfile import Kind, domain_key, parse_client, parse_pattern, read_list_file
 from gateway.filters.lists import Listing, Lists, NetworkTable, listener_port
 from gateway.model import Action, Direction, Envelope, Recipient, Session, Stage, Verdict
 
@@ -432,3 +432,29 @@ def test_an_ip_address_is_not_a_sender_domain() -> None:
     # an IP address written in a senders' list is a mistake, not a domain "192.0.2.1"
     with pytest.raises(configuration.ConfigError, match=r"'192\.0\.2\.1' is not an address or a domain"):
         lists_from('block_senders = ["192.0.2.1"]')
+
+
+@given(
+    st.text(alphabet="aZ09_-.ü\n", max_size=300)
+    | st.from_regex(r"([a-z0-9-]{1,70}\.){1,5}[a-z0-9-]{1,70}\.?")
+)
+def test_domain_key_takes_exactly_the_names_of_good_labels(text: str) -> None:
+    # the one regular expression against the rule it stands for, label by label
+    domain = text.lower().rstrip(".")
+    if not domain.isascii():
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            domain = ""
+    good = (
+        0 < len(domain) <= 253
+        and len(text.lower().rstrip(".")) <= 253
+        and all(
+            0 < len(label) <= 63
+            and not label.startswith("-")
+            and not label.endswith("-")
+            and all(c in "abcdefghijklmnopqrstuvwxyz0123456789_-" for c in label)
+            for label in domain.split(".")
+        )
+    )
+    assert (domain_key(text) == domain) if good else (domain_key(text) is None)
