@@ -247,6 +247,7 @@ def load(seconds: float, concurrency: int, message: bool = False) -> dict[str, A
     done = failed = 0
     errors: dict[str, int] = {}
     sessions: dict[int, Session] = {}
+    durations: list[float] = []
     poller = select.epoll()
     index = 0
     start = time.monotonic()
@@ -276,6 +277,7 @@ def load(seconds: float, concurrency: int, message: bool = False) -> dict[str, A
         if time.monotonic() <= deadline:
             if ok:
                 done += 1
+                durations.append(time.monotonic() - session.started)
             else:
                 failed += 1
             open_session()
@@ -313,6 +315,7 @@ def load(seconds: float, concurrency: int, message: bool = False) -> dict[str, A
             elif session.unsent:
                 poller.modify(fd, select.EPOLLIN | select.EPOLLOUT)
     late = len(sessions)
+    durations.sort()
     for session in list(sessions.values()):
         poller.unregister(session.sock.fileno())
         session.sock.close()
@@ -323,6 +326,9 @@ def load(seconds: float, concurrency: int, message: bool = False) -> dict[str, A
         "late": late,
         "seconds": seconds,
         "rate": done / seconds,
+        # how long a session took, connect to the last reply, in ms
+        "p50_ms": 1000 * durations[len(durations) // 2] if durations else 0.0,
+        "p99_ms": 1000 * durations[len(durations) * 99 // 100] if durations else 0.0,
         "errors": errors,
     }
 
@@ -417,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"rep {rep + 1} {name:<14} sessions/s={result['rate']:7.1f} ok={result['sessions']}"
                     f" failed={result['failed']} unfinished={result['late']} {result['errors'] or ''}{extra}"
+                    f" ms p50={result['p50_ms']:.1f} p99={result['p99_ms']:.1f}"
                     f"  cpu: {cpu} steal={result['cpu']['steal_pct']}%",
                     flush=True,
                 )
