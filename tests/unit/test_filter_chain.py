@@ -152,6 +152,23 @@ class RunnerTests(SynchronousTestCase):
         self.assertEqual(runner.counters["block"].calls, 3)
         self.assertEqual(runner.counters["block"].actions, {"reject": 3})
 
+    def test_a_filter_that_lets_the_client_go_on_is_counted_with_its_time(self) -> None:
+        # CONTINUE (nearly every answer) takes the runner's short path: still counted
+        ticks = iter(range(100))
+        passing = StaticFilter("pass", {Stage.RCPT: CONTINUE, Stage.MAIL: CONTINUE})
+        also = StaticFilter("also", {Stage.RCPT: CONTINUE})
+        runner = ChainRunner(
+            {Direction.INBOUND: (Link(passing), Link(also))}, Clock(), timer=lambda: float(next(ticks))
+        )
+        for _ in range(2):
+            outcome = outcome_of(runner.run(request()))
+            self.assertIs(outcome.verdict, CONTINUE)
+            self.assertEqual((outcome.decided_by, outcome.hits, outcome.tags), (None, (), ()))
+        self.assertEqual((runner.counters["pass"].calls, runner.counters["pass"].seconds), (2, 2.0))
+        self.assertEqual((runner.counters["also"].calls, runner.counters["also"].seconds), (2, 2.0))
+        self.assertEqual(runner.counters["pass"].actions, {})
+        self.assertEqual(len(passing.requests) + len(also.requests), 4)
+
 
 def test_counters_of_several_processes_add_up() -> None:
     from gateway.filters.chain import add_counters
