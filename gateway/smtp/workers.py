@@ -248,9 +248,15 @@ class StderrLog:
     def __call__(self, event: dict[str, Any]) -> None:
         from twisted.python.threadable import isInIOThread
 
-        self.pending.append(_log_lines(event))
-        level = event.get("log_level", LogLevel.info)
-        if level >= LogLevel.warn or not isInIOThread():  # type: ignore[no-untyped-call]
+        lines = _log_lines(event)
+        if not isInIOThread():  # type: ignore[no-untyped-call]
+            # a thread pool's line: written now, without touching the reactor's
+            # buffer or its timer (neither is safe from another thread)
+            self.out.write(lines)
+            self.out.flush()
+            return
+        self.pending.append(lines)
+        if event.get("log_level", LogLevel.info) >= LogLevel.warn:
             self.flush()
         elif self._flush is None:
             self._flush = self.reactor.callLater(0, self.flush)
