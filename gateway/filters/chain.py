@@ -151,9 +151,6 @@ class ChainRunner:
                 if ISessionObserver.providedBy(link.filter)
             )
 
-    def links(self, direction: Direction, stage: Stage) -> tuple[Link, ...]:
-        return self._by_stage.get((direction, stage), ())
-
     def session_observers(self, direction: Direction) -> tuple[Any, ...]:
         """The filters of `direction`'s connect stage that want to hear of a session's end."""
         return self._observers.get(direction, ())
