@@ -50,6 +50,7 @@ ASK = b"?"
 ASK_MANY = b"*"
 ANSWER = b"!"
 READ_SIZE = 65536
+BATCH = 4  # lines that go out at once, without waiting for the end of the reactor's turn
 MAX_LINE = 1 << 20  # the longest answer (TXT records of a 64 KB TCP answer) is far shorter
 _encode = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
 _string: Callable[[str], str] = json.encoder.encode_basestring_ascii
@@ -59,12 +60,16 @@ _decode = json.JSONDecoder().decode
 class LineChannel:
     """One end of a stream socket pair that carries lines, written at the end of the reactor's turn.
 
-    `send` only collects: everything sent during one turn of the reactor goes out
-    in one write just after it (a ``callLater(0)``), before the reactor waits
-    again; waiting for the socket to be writable would cost a whole turn, which
-    in a busy worker is milliseconds on every question. What the peer has no
-    room for waits for it here. Lines come in to `on_line` (without newline);
-    `on_lost` is called once when the peer goes or the socket fails.
+    `send` collects: the lines sent during one turn of the reactor go out in one
+    write just after it (a ``callLater(0)``), before the reactor waits again;
+    waiting for the socket to be writable would cost a whole turn. But a busy
+    worker's turn is many sessions long (milliseconds), and a question that
+    waited for its end kept the other process idle meanwhile: at 50 sessions at
+    a time the worker then sat idle for 12 % of the time, all its sessions
+    waiting for answers (docs/benchmarks.rst). So once `batch` lines wait they
+    go out at once. What the peer has no room for waits for it here. Lines come
+    in to `on_line` (without newline); `on_lost` is called once when the peer
+    goes or the socket fails.
     """
 
     def __init__(
@@ -73,8 +78,11 @@ class LineChannel:
         reactor: Any,
         on_line: Callable[[bytes], object],
         on_lost: Callable[[Failure], object],
+        *,
+        batch: int = BATCH,
     ) -> None:
         sock.setblocking(False)
+        self.batch = batch
         self.sock = sock
         self.reactor = reactor
         self.on_line = on_line
@@ -96,8 +104,15 @@ class LineChannel:
     def send(self, line: bytes) -> None:
         if self._closed:
             return
-        self._out.append(line)
-        if self._flush is None and not self._waiting_to_write:
+        out = self._out
+        out.append(line)
+        if self._waiting_to_write:
+            return  # the socket is full: doWrite sends it all in order
+        if len(out) >= self.batch:
+            if self._flush is not None:
+                self._flush.cancel()
+            self._write()
+        elif self._flush is None:
             self._flush = self.reactor.callLater(0, self._write)
 
     def _write(self) -> None:

@@ -121,6 +121,21 @@ class ChannelTests(TestCase):
         assert await asked[2] == [(10, "mx1.example.test"), (20, "mx2.example.test")]
         assert lookups.in_flight == 0
 
+    async def test_a_batch_of_questions_goes_out_at_once_and_the_rest_at_the_end_of_the_turn(self) -> None:
+        main_end, worker_end = self.pair()
+        counting = CountingSocket(worker_end)
+        lookups, channel = self.worker(counting)
+        self.main(main_end, StaticDnsLookups(ZONE))
+        names = ["mx1.example.test", "mx2.example.test", "implicit.test", "2.0.0.127.bl.test"]
+        assert channel.batch == len(names)
+        asked = [lookups.a(name) for name in names]
+        assert counting.sends == 1  # a full batch does not wait for the turn to end
+        asked.append(lookups.a("nowhere.test"))
+        assert counting.sends == 1  # one more waits for it
+        await until(lambda: all(d.called for d in asked))
+        assert counting.sends == 2
+        assert [await d for d in asked] == [["192.0.2.1"], ["192.0.2.2"], ["192.0.2.3"], ["127.0.0.2"], []]
+
     async def test_lines_the_peer_has_no_room_for_wait_and_go_in_order(self) -> None:
         main_end, worker_end = self.pair()
         for sock in (main_end, worker_end):
