@@ -165,12 +165,30 @@ class ChainRunner:
                     yield link.filter
 
     def run(self, request: Request) -> Deferred[Outcome]:
-        """Run the request's stage of its direction's chain; never fails."""
+        """Run the request's stage of its direction's chain; never fails.
+
+        The usual stage, where every filter answers CONTINUE at once, is run
+        here and only counted; the first other answer (a verdict, a Deferred,
+        an exception) hands the stage to a `_Walk` from that filter on.
+        """
         key = (request.direction, request.stage)
         links = self._by_stage.get(key)
         if not links:
             return succeed(NOTHING)
-        return _Walk(self, request, links, self._counters_by_stage[key]).go()
+        counters = self._counters_by_stage[key]
+        timer = self.timer
+        for index, link in enumerate(links):
+            started = timer()
+            try:
+                answer = link.filter.check(request)
+            except Exception:
+                return _Walk(self, request, links, counters, index).take(started, None, Failure())  # type: ignore[no-untyped-call]
+            if answer is not CONTINUE:
+                return _Walk(self, request, links, counters, index).take(started, answer, None)
+            counted = counters[index]
+            counted.calls += 1
+            counted.seconds += timer() - started
+        return succeed(NOTHING)
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """The counters as plain values (for the control socket and the workers' reports).
@@ -227,12 +245,13 @@ class _Walk:
         request: Request,
         links: tuple[Link, ...],
         counters: tuple[FilterCounters, ...],
+        index: int = 0,
     ) -> None:
         self.runner = runner
         self.request = request
         self.links = links
         self.counters = counters  # of each link, in order
-        self.index = 0
+        self.index = index  # the link asked last
         self.tags: list[Verdict] = []
         self.copies: list[str] = []
         self.hits: list[Hit] = []
@@ -243,10 +262,14 @@ class _Walk:
         self.timer: Any = None  # IDelayedCall of the link that waits
         self.timed_out = False
 
-    def go(self) -> Deferred[Outcome]:
-        outcome = self._advance()
+    def take(self, started: float, answer: object, failure: Failure | None) -> Deferred[Outcome]:
+        """Go on from the answer (or the exception) of the link at `index`, asked at `started`."""
+        self.started = started
+        outcome = self._settle(self.links[self.index], answer, failure)
+        if outcome is _NEXT:
+            outcome = self._advance()
         if outcome is not None:
-            return succeed(outcome)
+            return succeed(outcome)  # type: ignore[arg-type]
         self.result = Deferred()
         return self.result
 
@@ -261,7 +284,7 @@ class _Walk:
             try:
                 answer = link.filter.check(request)
             except Exception:
-                verdict = self._failed(link, Failure(), timed_out=False)  # type: ignore[no-untyped-call]
+                outcome = self._settle(link, None, Failure())  # type: ignore[no-untyped-call]
             else:
                 if answer is CONTINUE:
                     # the usual answer, and the cheap path: counted, nothing else to do
@@ -270,22 +293,29 @@ class _Walk:
                     counters.seconds += timer() - started
                     self.index += 1
                     continue
-                if isinstance(answer, Deferred):
-                    self.inline = True  # it may have fired already: then go on here
-                    answer.addCallbacks(self._answered, self._errored, errbackArgs=(link,))
-                    self.inline = False
-                    if self.inline_verdict is None:
-                        # one timer for the link that waits (cheaper than Deferred.addTimeout)
-                        self.timer = self.runner.clock.callLater(link.timeout, self._time_out, answer)
-                        return None
-                    verdict, self.inline_verdict = self.inline_verdict, None
-                else:
-                    verdict = self._checked(link, answer, failed=False)
-            self.index += 1
-            outcome = self._consider(link, verdict)
-            if outcome is not None:
-                return outcome
+                outcome = self._settle(link, answer, None)
+            if outcome is not _NEXT:
+                return outcome  # type: ignore[return-value]
         return self._outcome(CONTINUE, None)
+
+    def _settle(self, link: Link, answer: object, failure: Failure | None) -> Outcome | None | object:
+        """One link's answer other than CONTINUE: the Outcome, None while it waits, or _NEXT."""
+        if failure is not None:
+            verdict = self._failed(link, failure, timed_out=False)
+        elif isinstance(answer, Deferred):
+            self.inline = True  # it may have fired already: then go on here
+            answer.addCallbacks(self._answered, self._errored, errbackArgs=(link,))
+            self.inline = False
+            if self.inline_verdict is None:
+                # one timer for the link that waits (cheaper than Deferred.addTimeout)
+                self.timer = self.runner.clock.callLater(link.timeout, self._time_out, answer)
+                return None
+            verdict, self.inline_verdict = self.inline_verdict, None
+        else:
+            verdict = self._checked(link, answer, failed=False)
+        self.index += 1
+        outcome = self._consider(link, verdict)
+        return _NEXT if outcome is None else outcome
 
     def _time_out(self, answer: Deferred[Any]) -> None:
         self.timer = None
@@ -405,6 +435,7 @@ class _Walk:
 
 
 _REFUSALS = frozenset({Action.REJECT, Action.DEFER, Action.DISCARD})
+_NEXT = object()  # a link's answer that lets the walk go on to the next link
 
 
 def check_filter(candidate: object, name: str) -> None:
