@@ -298,7 +298,7 @@ class _Walk:
                 return outcome  # type: ignore[return-value]
         return self._outcome(CONTINUE, None)
 
-    def _settle(self, link: Link, answer: object, failure: Failure | None) -> Outcome | None | object:
+    def _settle(self, link: Link, answer: object, failure: Failure | None) -> Outcome | object | None:
         """One link's answer other than CONTINUE: the Outcome, None while it waits, or _NEXT."""
         if failure is not None:
             verdict = self._failed(link, failure, timed_out=False)
