@@ -171,6 +171,21 @@ class ISessionObserver(Interface):
         """
 
 
+class IPrepare(Interface):
+    """Optional for a filter: starts its slow work early, while the stage waits for another.
+
+    Postscreen asks the DNSBLs while it waits to see whether the client talks
+    before the banner; a chain runs its filters one after another. So when a
+    filter makes a stage wait (the protocol filter's greet wait, another DNS
+    lookup), the runner calls ``prepare`` on the filters after it in that
+    stage; their ``check`` later asks again and finds the answers cached or
+    under way.
+    """
+
+    def prepare(request: Any) -> None:
+        """Start what ``check(request)`` will need (DNS lookups); never decides, never fails."""
+
+
 class IReloadable(Interface):
     """Optional for a filter: re-reads its files on SIGHUP / `mailgatectl reload`."""
 

@@ -185,6 +185,15 @@ class DnsLists:
             self._scored, name, threshold
         )
 
+    def prefetch(self, name: str) -> None:
+        """Ask every zone about `name` now, for `score` to find the answers cached or under way."""
+        self.dns.a_each([f"{name}.{zone}" for zone in self.zones]).addErrback(self._prefetch_failed, name)
+
+    def _prefetch_failed(self, failure: Failure, name: str) -> None:
+        self.log.failure(
+            "filter: {filter}: early lookup of {name} failed", failure, filter=self.owner.name, name=name
+        )
+
     def _scored(
         self, results: list[list[str] | Failure], name: str, threshold: int | None = None
     ) -> Score | Deferred[Score]:

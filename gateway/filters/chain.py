@@ -9,6 +9,9 @@ and counted: mail never passes silently because a filter broke.
 
 Filters that answer at once (most pre-DATA checks) cost no Deferred per filter:
 the runner only chains callbacks when a filter really waits (DNS, the store).
+When one does, the filters after it in the stage that can start their own slow
+work early (`IPrepare`: the DNSBL lookups during the greet wait, as postscreen
+does) are told to, once per stage.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.filters import Request
-from gateway.interfaces import IFilter, ISessionObserver
+from gateway.interfaces import IFilter, IPrepare, ISessionObserver
 from gateway.model import CONTINUE, Action, Direction, Stage, Verdict
 
 log = Logger(namespace="mailgate.filter")
@@ -138,6 +141,8 @@ class ChainRunner:
         # the counters of each of those links, in the same order (a walk counts by index)
         self._counters_by_stage: dict[tuple[Direction, Stage], tuple[FilterCounters, ...]] = {}
         self._observers: dict[Direction, tuple[Any, ...]] = {}
+        # the links of each stage that can start early (IPrepare), with their place in it
+        self._preparers: dict[tuple[Direction, Stage], tuple[tuple[int, Any], ...]] = {}
         for direction, links in chains.items():
             for link in links:
                 self.counters.setdefault(link.name, FilterCounters())
@@ -145,6 +150,11 @@ class ChainRunner:
                 staged = tuple(link for link in links if stage in link.filter.stages)
                 self._by_stage[direction, stage] = staged
                 self._counters_by_stage[direction, stage] = tuple(self.counters[link.name] for link in staged)
+                self._preparers[direction, stage] = tuple(
+                    (index, link.filter)
+                    for index, link in enumerate(staged)
+                    if IPrepare.providedBy(link.filter)
+                )
             self._observers[direction] = tuple(
                 link.filter
                 for link in self._by_stage[direction, Stage.CONNECT]
@@ -230,6 +240,7 @@ class _Walk:
         "inline",
         "inline_verdict",
         "links",
+        "prepared",
         "request",
         "result",
         "runner",
@@ -252,6 +263,7 @@ class _Walk:
         self.links = links
         self.counters = counters  # of each link, in order
         self.index = index  # the link asked last
+        self.prepared = False  # the links after a waiting one were told to start (IPrepare)
         self.tags: list[Verdict] = []
         self.copies: list[str] = []
         self.hits: list[Hit] = []
@@ -309,6 +321,8 @@ class _Walk:
             if self.inline_verdict is None:
                 # one timer for the link that waits (cheaper than Deferred.addTimeout)
                 self.timer = self.runner.clock.callLater(link.timeout, self._time_out, answer)
+                if not self.prepared:
+                    self._prepare_the_rest()
                 return None
             verdict, self.inline_verdict = self.inline_verdict, None
         else:
@@ -316,6 +330,17 @@ class _Walk:
         self.index += 1
         outcome = self._consider(link, verdict)
         return _NEXT if outcome is None else outcome
+
+    def _prepare_the_rest(self) -> None:
+        """While this link waits, the links after it that can start their slow work do (IPrepare)."""
+        self.prepared = True
+        request = self.request
+        for index, prepared in self.runner._preparers[request.direction, request.stage]:
+            if index > self.index:
+                try:
+                    prepared.prepare(request)
+                except Exception:
+                    log.failure("filter: {name}: prepare failed", name=getattr(prepared, "name", "?"))
 
     def _time_out(self, answer: Deferred[Any]) -> None:
         self.timer = None

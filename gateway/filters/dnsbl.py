@@ -11,6 +11,8 @@ accepts the stage, skipping the filters after this one (greylisting, say).
 
 ``stage`` is "connect" (before the banner, as postscreen) or "rcpt" (the log then
 shows sender and recipient; answers are cached, so a second recipient costs nothing).
+When a filter before this one makes the stage wait (the protocol filter's greet
+wait), the lookups start then, as postscreen's do, not after it (`IPrepare`).
 A zone that fails or times out counts as not listing the client: DNS trouble never
 turns into a 5xx.
 """
@@ -28,7 +30,7 @@ from gateway.config import Section
 from gateway.filters import FilterServices, Request
 from gateway.filters._dnslists import DnsLists, Score, Site, read_sites, read_thresholds
 from gateway.filters.dns import Lookups
-from gateway.interfaces import IFilter
+from gateway.interfaces import IFilter, IPrepare
 from gateway.model import CONTINUE, Action, Stage, Verdict
 
 log = Logger(namespace="mailgate.filter")
@@ -87,7 +89,7 @@ def listed_verdict(
     return None
 
 
-@implementer(IFilter)
+@implementer(IFilter, IPrepare)
 class Dnsbl:
     """The client's address in DNS block and allow lists (see the module docstring)."""
 
@@ -135,6 +137,11 @@ class Dnsbl:
         if name is None:
             return CONTINUE  # not an IP client (a test harness, a UNIX socket)
         return self.lists.score(name, threshold=self.threshold).addCallback(self._verdict, client)
+
+    def prepare(self, request: Request) -> None:
+        name = reversed_address(request.session.peer_host)
+        if name is not None:
+            self.lists.prefetch(name)
 
     def _verdict(self, score: Score, client: str) -> Verdict:
         verdict = listed_verdict(

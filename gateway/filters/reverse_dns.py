@@ -12,7 +12,8 @@ X-Mailgate-Reverse-Dns header and a score for the content filters), or
 "continue". A rejection at CONNECT takes the place of the banner; a 450 there is
 sent as 421. A DNS failure is no opinion or, with ``on_dns_failure = "defer"``, a
 421: never a 5xx. Both default to "tag": many small but real mail servers lack a
-matching PTR, and a tag loses no mail.
+matching PTR, and a tag loses no mail. While a filter before this one keeps the
+client waiting (a greet wait, the DNSBLs), the lookups start already (`IPrepare`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from gateway.delivery.resolver import DnsTemporaryError, NoSuchDomain
 from gateway.filters import FilterServices, Request
 from gateway.filters._dnscheck import client_address, dns_failure, lookup_failed, refusal, reply_code
 from gateway.filters.dns import Lookups
-from gateway.interfaces import IFilter
+from gateway.interfaces import IFilter, IPrepare
 from gateway.model import CONTINUE, Action, Stage, Verdict
 
 HEADER = "X-Mailgate-Reverse-Dns"
@@ -47,7 +48,11 @@ def _same(found: list[str], client: ipaddress.IPv4Address | ipaddress.IPv6Addres
     return False
 
 
-@implementer(IFilter)
+def _judged_later(failure: Failure) -> None:
+    """An early lookup that failed: check() asks again and judges it (no PTR, DNS trouble)."""
+
+
+@implementer(IFilter, IPrepare)
 class ReverseDns:
     """The client's PTR must resolve back to it (see the module docstring)."""
 
@@ -92,6 +97,16 @@ class ReverseDns:
         return self.dns.ptr(str(client)).addCallbacks(
             self._names, self._ptr_failed, callbackArgs=(client,), errbackArgs=(client,)
         )
+
+    def prepare(self, request: Request) -> None:
+        """Look the PTR and its names up now (while the stage waits); check() finds them cached."""
+        client = client_address(request.session.peer_host)
+        if client is not None:
+            self.dns.ptr(str(client)).addCallback(self._prefetch_names).addErrback(_judged_later)
+
+    def _prefetch_names(self, names: list[str]) -> None:
+        for name in [name for name in dict.fromkeys(names) if name][:MAX_NAMES]:
+            self.dns.addresses(name).addErrback(_judged_later)
 
     def _ptr_failed(self, failure: Failure, client: Any) -> Verdict | Failure:
         return lookup_failed(failure, lambda: self._no_ptr(client), lambda: self._dns_failure(client))

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import email
 import os
+import socket
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,6 +27,7 @@ ZONES = {
         127.0.0.2
         127.0.0.4 :127.0.0.4:
         127.0.0.6
+        127.0.0.12
     """),
     "bl2.test": ("ip4set", """
         127.0.0.4
@@ -247,3 +250,29 @@ def test_the_smtp_worker_asks_its_dns_through_the_main_process(gateway: GatewayP
     [line] = [line for line in gateway.ctl("status").stdout.splitlines() if line.startswith("dns: ")]
     questions, hits = [int(word) for word in line.split() if word.isdigit()][:2]
     assert questions > 0 and hits >= 4, line  # its DNSBL, RHSBL and sender-domain lookups, at least
+
+
+GREET_WAIT = 3.0
+
+
+def test_the_zones_are_asked_while_the_client_waits_for_the_banner(rbldnsd: Rbldnsd, tmp_path: Any) -> None:
+    # as postscreen: the DNSBL answers are there when the greet wait is over, not asked after it
+    extra = (
+        '[filters]\ninbound = ["protocol", "dnsbl"]\n'
+        f'[filters.protocol]\ngreet_wait = "{GREET_WAIT:g}s"\n[filters.dnsbl]\nzones = ["zen.test"]\n'
+    )
+    with (
+        running_gateway(str(tmp_path), workers=1, nameserver=rbldnsd.nameserver, extra=extra) as gateway,
+        socket.socket() as client,
+    ):
+        client.bind(("127.0.0.12", 0))
+        client.connect(("127.0.0.1", gateway.smtp_port))
+        connected = time.monotonic()
+        wait_until(lambda: ("12.0.0.127.zen.test", "A") in rbldnsd.queries(), timeout=GREET_WAIT - 0.5)
+        client.setblocking(False)
+        with pytest.raises(BlockingIOError):  # no banner yet: the client is still waiting
+            client.recv(1024)
+        assert time.monotonic() - connected < GREET_WAIT
+        client.settimeout(10)
+        banner = client.recv(1024)
+    assert banner.startswith(b"554 5.7.1 Service unavailable; client [127.0.0.12] blocked using zen.test")

@@ -8,10 +8,12 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from gateway.filters import Request
 from gateway.filters.chain import ChainRunner, Link, Outcome, failure_verdict
 from gateway.filters.testing import StaticFilter, raising
+from gateway.interfaces import IPrepare
 from gateway.model import ACCEPT, CONTINUE, Action, Direction, Envelope, Recipient, Session, Stage, Verdict
 
 SESSION = Session("192.0.2.7")
@@ -168,6 +170,70 @@ class RunnerTests(SynchronousTestCase):
         self.assertEqual((runner.counters["also"].calls, runner.counters["also"].seconds), (2, 2.0))
         self.assertEqual(runner.counters["pass"].actions, {})
         self.assertEqual(len(passing.requests) + len(also.requests), 4)
+
+
+@implementer(IPrepare)
+class Preparing(StaticFilter):
+    """A StaticFilter that can start early (IPrepare), and records when it was told to."""
+
+    def __init__(self, name: str, answers: dict[Stage, Any] | None = None, *, fails: bool = False) -> None:
+        super().__init__(name, answers)
+        self.prepared: list[Request] = []
+        self.fails = fails
+
+    def prepare(self, request: Request) -> None:
+        self.prepared.append(request)
+        if self.fails:
+            raise RuntimeError("the name server is on fire")
+
+
+class PrepareTests(SynchronousTestCase):
+    """While a filter makes a stage wait, those after it that can start early do (IPrepare)."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+
+    def runner(self, *filters: StaticFilter) -> ChainRunner:
+        links = tuple(Link(f, 30.0, failure_verdict("defer", f.name)) for f in filters)
+        return ChainRunner({Direction.INBOUND: links}, self.clock)
+
+    def test_the_filters_after_a_waiting_one_start_while_it_waits_once_each(self) -> None:
+        before = Preparing("before")
+        waiter = StaticFilter("greet-wait", {Stage.CONNECT: "wait"})
+        second_waiter = Preparing("slow-dns", {Stage.CONNECT: "wait"})
+        after = Preparing("dnsbl", {Stage.CONNECT: CONTINUE})
+        asked = request(Stage.CONNECT)
+        result = self.runner(before, waiter, second_waiter, after).run(asked)
+        assert (before.prepared, second_waiter.prepared, after.prepared) == ([], [asked], [asked])
+        assert after.requests == []  # told to start, not asked to decide
+        waiter.waiting[0].callback(CONTINUE)  # the second one waits now: nobody is told again
+        assert (second_waiter.prepared, after.prepared) == ([asked], [asked])
+        second_waiter.waiting[0].callback(CONTINUE)
+        assert outcome_of(result).verdict is CONTINUE
+        assert after.requests == [asked]
+
+    def test_a_stage_that_never_waits_tells_nobody(self) -> None:
+        later = Preparing("dnsbl")
+        outcome_of(self.runner(StaticFilter("lists"), later).run(request(Stage.CONNECT)))
+        assert later.prepared == []
+
+    def test_a_stage_decided_by_the_waiting_filter_does_not_ask_the_prepared_one(self) -> None:
+        waiter = StaticFilter("greet-wait", {Stage.CONNECT: "wait"})
+        later = Preparing("dnsbl", {Stage.CONNECT: Verdict.reject("listed")})
+        result = self.runner(waiter, later).run(request(Stage.CONNECT))
+        waiter.waiting[0].callback(Verdict.reject("pregreet"))
+        assert outcome_of(result).decided_by == "greet-wait"
+        assert len(later.prepared) == 1 and later.requests == []
+
+    def test_a_prepare_that_raises_is_logged_and_the_stage_goes_on(self) -> None:
+        waiter = StaticFilter("greet-wait", {Stage.CONNECT: "wait"})
+        broken = Preparing("dnsbl", {Stage.CONNECT: Verdict.reject("listed")}, fails=True)
+        with capturedLogs() as events:
+            result = self.runner(waiter, broken).run(request(Stage.CONNECT))
+        assert [e["name"] for e in events if "prepare failed" in e.get("log_format", "")] == ["dnsbl"]
+        self.flushLoggedErrors(RuntimeError)
+        waiter.waiting[0].callback(CONTINUE)
+        assert outcome_of(result).decided_by == "dnsbl"  # its check still decides
 
 
 def test_counters_of_several_processes_add_up() -> None:

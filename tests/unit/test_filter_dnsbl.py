@@ -8,9 +8,12 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 
+from gateway import config as configuration
 from gateway.delivery.resolver import DnsTemporaryError
+from gateway.filters import FilterServices, registry
 from gateway.filters._dnslists import parse_site
 from gateway.filters.dns import StaticDnsLookups
 from gateway.filters.dnsbl import reversed_address
@@ -254,3 +257,22 @@ def test_a_bad_zone_is_a_config_error_with_its_line() -> None:
 )
 def test_bad_options_name_their_key(options: str, key: str) -> None:
     assert f"filters.dnsbl.{key}:" in config_error("dnsbl", options)
+
+
+def test_the_zones_are_asked_during_the_greet_wait_not_after_it() -> None:
+    # postscreen asks its DNSBLs while it waits to see if the client talks first
+    clock = Clock()
+    dns = StaticDnsLookups(ZONE)
+    text = (
+        '[filters]\ninbound = ["protocol", "dnsbl"]\n'
+        '[filters.protocol]\ngreet_wait = "6s"\n[filters.dnsbl]\nzones = ["zen.test", "bl2.test"]\n'
+    )
+    cfg = configuration.parse(text, "mailgate.toml", base_dir="/")
+    runner = registry.build_runner(cfg, FilterServices(cfg, clock, dns=dns, anvil=object(), store=object()))
+    answer = runner.run(request(Stage.CONNECT, "127.0.0.2"))
+    assert sorted(dns.queries) == [("2.0.0.127.bl2.test", "A"), ("2.0.0.127.zen.test", "A")]
+    assert not answer.called  # the greet wait goes on
+    clock.advance(6)
+    outcome: list[Any] = []
+    answer.addBoth(outcome.append)
+    assert outcome[0].decided_by == "dnsbl" and outcome[0].verdict.action is Action.REJECT

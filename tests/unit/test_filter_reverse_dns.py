@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import pytest
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
 
+from gateway import config as configuration
 from gateway.delivery.resolver import DnsTemporaryError
+from gateway.filters import FilterServices, registry
 from gateway.filters.dns import StaticDnsLookups
 from gateway.model import Action, Stage, Verdict
 from tests.unit.dns_filters import build, config_error, request, verdict_of
@@ -105,3 +110,31 @@ def test_a_non_ip_peer_is_left_alone() -> None:
 )
 def test_bad_options_name_their_key(options: str, key: str) -> None:
     assert f"filters.reverse-dns.{key}:" in config_error("reverse-dns", options)
+
+
+def test_the_ptr_and_its_names_are_looked_up_while_an_earlier_filter_waits() -> None:
+    clock = Clock()
+    dns = StaticDnsLookups(ZONE)
+    text = '[filters]\ninbound = ["protocol", "reverse-dns"]\n[filters.protocol]\ngreet_wait = "6s"\n'
+    cfg = configuration.parse(text, "mailgate.toml", base_dir="/")
+    runner = registry.build_runner(cfg, FilterServices(cfg, clock, dns=dns, anvil=object(), store=object()))
+    answer = runner.run(request(Stage.CONNECT, "192.0.2.2"))
+    assert not answer.called  # the greet wait goes on, and the lookups are done already
+    assert [name for name, _ in dns.queries][:2] == ["2.2.0.192.in-addr.arpa", "liar.example.test"]
+    asked = len(dns.queries)
+    clock.advance(6)
+    outcome: list[Any] = []
+    answer.addBoth(outcome.append)
+    assert outcome[0].hits[0].filter == "reverse-dns"  # not confirmed: tagged, as without the early start
+    assert len(dns.queries) == 2 * asked  # this fake has no cache: check() asked the same again
+
+
+def test_an_early_lookup_that_fails_is_judged_by_the_check_not_logged() -> None:
+    reverse = reverse_dns(dns=StaticDnsLookups(ZONE))
+    with capturedLogs() as events:
+        reverse.prepare(request(Stage.CONNECT, "192.0.2.5"))  # SERVFAIL
+        reverse.prepare(request(Stage.CONNECT, "192.0.2.6"))  # the name's lookup times out
+        reverse.prepare(request(Stage.CONNECT, "192.0.2.3"))  # the name does not exist
+        gc.collect()  # a failure nobody handled would be logged now
+    assert events == []
+    assert check(reverse, "192.0.2.5").action is Action.CONTINUE  # DNS trouble: no opinion
