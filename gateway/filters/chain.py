@@ -192,9 +192,15 @@ class ChainRunner:
             try:
                 answer = link.filter.check(request)
             except Exception:
-                return _Walk(self, request, links, counters, index).take(started, None, Failure())  # type: ignore[no-untyped-call]
+                return _Walk(self, request, links, counters, index, self._preparers[key]).take(
+                    started,
+                    None,
+                    Failure(),  # type: ignore[no-untyped-call]
+                )
             if answer is not CONTINUE:
-                return _Walk(self, request, links, counters, index).take(started, answer, None)
+                return _Walk(self, request, links, counters, index, self._preparers[key]).take(
+                    started, answer, None
+                )
             counted = counters[index]
             counted.calls += 1
             counted.seconds += timer() - started
@@ -240,7 +246,7 @@ class _Walk:
         "inline",
         "inline_verdict",
         "links",
-        "prepared",
+        "preparers",
         "request",
         "result",
         "runner",
@@ -257,13 +263,14 @@ class _Walk:
         links: tuple[Link, ...],
         counters: tuple[FilterCounters, ...],
         index: int = 0,
+        preparers: tuple[tuple[int, Any], ...] = (),
     ) -> None:
         self.runner = runner
         self.request = request
         self.links = links
         self.counters = counters  # of each link, in order
         self.index = index  # the link asked last
-        self.prepared = False  # the links after a waiting one were told to start (IPrepare)
+        self.preparers = preparers  # the stage's IPrepare links, until they are told to start
         self.tags: list[Verdict] = []
         self.copies: list[str] = []
         self.hits: list[Hit] = []
@@ -321,7 +328,7 @@ class _Walk:
             if self.inline_verdict is None:
                 # one timer for the link that waits (cheaper than Deferred.addTimeout)
                 self.timer = self.runner.clock.callLater(link.timeout, self._time_out, answer)
-                if not self.prepared:
+                if self.preparers:
                     self._prepare_the_rest()
                 return None
             verdict, self.inline_verdict = self.inline_verdict, None
@@ -333,9 +340,9 @@ class _Walk:
 
     def _prepare_the_rest(self) -> None:
         """While this link waits, the links after it that can start their slow work do (IPrepare)."""
-        self.prepared = True
+        preparers, self.preparers = self.preparers, ()  # once per stage
         request = self.request
-        for index, prepared in self.runner._preparers[request.direction, request.stage]:
+        for index, prepared in preparers:
             if index > self.index:
                 try:
                     prepared.prepare(request)
