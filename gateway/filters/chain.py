@@ -136,6 +136,7 @@ class ChainRunner:
         self.chains = chains
         self.clock = clock
         self.timer = timer
+        self.deadlines = _Deadlines(clock)  # of the filters that wait
         self.counters: dict[str, FilterCounters] = {}
         self._by_stage: dict[tuple[Direction, Stage], tuple[Link, ...]] = {}
         # the counters of each of those links, in the same order (a walk counts by index)
@@ -235,6 +236,54 @@ class ChainRunner:
             counters.actions[key] = counters.actions.get(key, 0) + 1
 
 
+class _Deadlines:
+    """When the filters that wait time out: one reactor timer per timeout, not one per wait.
+
+    All waits of a link have the link's timeout, so in the queue of one timeout
+    the deadlines come in the order the waits began; the reactor's timer is set
+    for the first. A wait that ends is only taken out of its queue: a
+    DelayedCall made and cancelled for each wait cost the worker about 2 µs a
+    session, and the reactor keeps cancelled calls in its heap until it sorts
+    them out.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self._queues: dict[float, dict[Any, tuple[float, Deferred[Any]]]] = {}  # timeout -> walk -> ...
+        self._timers: dict[float, Any] = {}  # timeout -> the IDelayedCall for its queue's first deadline
+
+    def add(self, walk: Any, timeout: float, answer: Deferred[Any]) -> None:
+        queue = self._queues.get(timeout)
+        if queue is None:
+            queue = self._queues[timeout] = {}
+        queue[walk] = (self.clock.seconds() + timeout, answer)
+        if timeout not in self._timers:
+            self._timers[timeout] = self.clock.callLater(timeout, self._expire, timeout)
+
+    def remove(self, walk: Any, timeout: float) -> None:
+        queue = self._queues.get(timeout)
+        if queue is not None:
+            queue.pop(walk, None)
+
+    def waiting(self) -> int:
+        return sum(len(queue) for queue in self._queues.values())
+
+    def _expire(self, timeout: float) -> None:
+        del self._timers[timeout]
+        queue = self._queues[timeout]
+        now = self.clock.seconds()
+        expired = []
+        for walk, (deadline, answer) in queue.items():
+            if deadline > now:
+                self._timers[timeout] = self.clock.callLater(deadline - now, self._expire, timeout)
+                break
+            expired.append((walk, answer))
+        for walk, _answer in expired:
+            del queue[walk]
+        for walk, answer in expired:
+            walk._time_out(answer)
+
+
 class _Walk:
     """One run of one stage: a small state machine over the links."""
 
@@ -278,7 +327,7 @@ class _Walk:
         self.started = 0.0
         self.inline = False
         self.inline_verdict: Verdict | None = None
-        self.timer: Any = None  # IDelayedCall of the link that waits
+        self.timer: float | None = None  # the timeout of the link that waits (see _Deadlines)
         self.timed_out = False
 
     def take(self, started: float, answer: object, failure: Failure | None) -> Deferred[Outcome]:
@@ -326,8 +375,9 @@ class _Walk:
             answer.addCallbacks(self._answered, self._errored, errbackArgs=(link,))
             self.inline = False
             if self.inline_verdict is None:
-                # one timer for the link that waits (cheaper than Deferred.addTimeout)
-                self.timer = self.runner.clock.callLater(link.timeout, self._time_out, answer)
+                # its deadline (cheaper than Deferred.addTimeout or a callLater each)
+                self.timer = link.timeout
+                self.runner.deadlines.add(self, link.timeout, answer)
                 if self.preparers:
                     self._prepare_the_rest()
                 return None
@@ -356,8 +406,7 @@ class _Walk:
 
     def _stop_timer(self) -> None:
         if self.timer is not None:
-            if self.timer.active():
-                self.timer.cancel()
+            self.runner.deadlines.remove(self, self.timer)
             self.timer = None
 
     def _answered(self, answer: object) -> None:

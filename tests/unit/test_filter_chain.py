@@ -125,6 +125,47 @@ class RunnerTests(SynchronousTestCase):
         self.assertIs(found[0].verdict.action, Action.DEFER)
         self.assertEqual(runner.counters["slow"].timeouts, 1)
 
+    def test_many_waits_time_out_each_at_its_own_deadline_on_one_reactor_timer_per_timeout(self) -> None:
+        slow = StaticFilter("slow", {Stage.RCPT: "wait"})
+        slower = StaticFilter("slower", {Stage.MAIL: "wait"})
+        links = (
+            Link(slow, 3.0, failure_verdict("defer", "slow")),
+            Link(slower, 10.0, failure_verdict("reject", "slower")),
+        )
+        runner = ChainRunner({Direction.INBOUND: links}, self.clock)
+        found: list[tuple[int, Outcome]] = []
+
+        def run(number: int, stage: Stage = Stage.RCPT) -> None:
+            runner.run(request(stage)).addCallback(lambda outcome: found.append((number, outcome)))
+
+        run(0)  # at 0 s, with 3 s
+        self.clock.advance(1.0)
+        run(1)  # at 1 s
+        self.clock.advance(1.0)
+        run(2)  # at 2 s
+        self.clock.advance(0.5)
+        run(9, Stage.MAIL)  # at 2.5 s, with 10 s
+        assert len(self.clock.getDelayedCalls()) == 2  # one per timeout, however many wait
+        slow.waiting[1].callback(CONTINUE)  # answered: it never times out
+        assert [n for n, _ in found] == [1]
+        assert runner.deadlines.waiting() == 3  # and is forgotten at once
+        self.clock.advance(0.5)  # 3 s
+        assert [n for n, _ in found] == [1, 0]
+        self.clock.advance(1.0)  # 4 s: the answered one's deadline passes quietly
+        assert [n for n, _ in found] == [1, 0]
+        self.clock.advance(0.9)
+        assert [n for n, _ in found] == [1, 0]
+        self.clock.advance(0.1)  # 5 s
+        assert [n for n, _ in found] == [1, 0, 2]
+        assert [outcome.verdict.action for n, outcome in found if n != 1] == [Action.DEFER] * 2
+        assert runner.counters["slow"].timeouts == 2
+        self.clock.advance(7.4)
+        assert len(found) == 3
+        self.clock.advance(0.1)  # 12.5 s
+        assert found[-1][0] == 9 and found[-1][1].verdict.action is Action.REJECT  # its own failure verdict
+        assert runner.deadlines.waiting() == 0
+        assert self.clock.getDelayedCalls() == []  # nothing left behind
+
     def test_waiting_filters_resume_the_chain_in_order(self) -> None:
         first = StaticFilter("dns", {Stage.RCPT: "wait"})
         second = StaticFilter("then", {Stage.RCPT: Verdict.reject("listed")})
