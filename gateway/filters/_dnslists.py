@@ -236,6 +236,8 @@ class DnsLists:
         return Score(name, total, tuple(listings), tuple(failed))
 
     def _reason(self, score: Score, threshold: int | None) -> Deferred[Score] | Score:
+        if not score.listings:
+            return score  # listed nowhere, the usual answer
         blocking = score.blocking
         if not blocking or (threshold is not None and score.score < threshold):
             return score

@@ -54,7 +54,18 @@ BATCH = 4  # lines that go out at once, without waiting for the end of the react
 MAX_LINE = 1 << 20  # the longest answer (TXT records of a 64 KB TCP answer) is far shorter
 _encode = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
 _string: Callable[[str], str] = json.encoder.encode_basestring_ascii
-_decode = json.JSONDecoder().decode
+_scan = json.JSONDecoder().scan_once
+
+
+def _decode(text: str) -> Any:
+    """One JSON value that is the whole of `text` (json.loads without its whitespace passes)."""
+    try:
+        value, end = _scan(text, 0)
+    except StopIteration:
+        raise ValueError(f"no JSON value at the start of {text[:50]!r}") from None
+    if end != len(text):
+        raise ValueError(f"more than one JSON value in {text[:50]!r}")
+    return value
 
 
 class LineChannel:
