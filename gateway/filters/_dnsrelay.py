@@ -54,7 +54,7 @@ BATCH = 4  # lines that go out at once, without waiting for the end of the react
 MAX_LINE = 1 << 20  # the longest answer (TXT records of a 64 KB TCP answer) is far shorter
 _encode = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
 _string: Callable[[str], str] = json.encoder.encode_basestring_ascii
-_scan = json.JSONDecoder().scan_once
+_scan: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 
 def _decode(text: str) -> Any:

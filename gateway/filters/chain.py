@@ -138,28 +138,29 @@ class ChainRunner:
         self.timer = timer
         self.deadlines = _Deadlines(clock)  # of the filters that wait
         self.counters: dict[str, FilterCounters] = {}
-        self._by_stage: dict[tuple[Direction, Stage], tuple[Link, ...]] = {}
-        # the counters of each of those links, in the same order (a walk counts by index)
-        self._counters_by_stage: dict[tuple[Direction, Stage], tuple[FilterCounters, ...]] = {}
+        # each stage's links, their counters in the same order (a walk counts by index)
+        # and those of them that can start early (IPrepare) with their place: one
+        # lookup per stage run; a stage without links is not there
+        self._stages: dict[tuple[Direction, Stage], _Stage] = {}
         self._observers: dict[Direction, tuple[Any, ...]] = {}
-        # the links of each stage that can start early (IPrepare), with their place in it
-        self._preparers: dict[tuple[Direction, Stage], tuple[tuple[int, Any], ...]] = {}
         for direction, links in chains.items():
             for link in links:
                 self.counters.setdefault(link.name, FilterCounters())
             for stage in Stage:
                 staged = tuple(link for link in links if stage in link.filter.stages)
-                self._by_stage[direction, stage] = staged
-                self._counters_by_stage[direction, stage] = tuple(self.counters[link.name] for link in staged)
-                self._preparers[direction, stage] = tuple(
-                    (index, link.filter)
-                    for index, link in enumerate(staged)
-                    if IPrepare.providedBy(link.filter)
-                )
+                if staged:
+                    self._stages[direction, stage] = (
+                        staged,
+                        tuple(self.counters[link.name] for link in staged),
+                        tuple(
+                            (index, link.filter)
+                            for index, link in enumerate(staged)
+                            if IPrepare.providedBy(link.filter)
+                        ),
+                    )
+            connect = self._stages.get((direction, Stage.CONNECT), ((), (), ()))[0]
             self._observers[direction] = tuple(
-                link.filter
-                for link in self._by_stage[direction, Stage.CONNECT]
-                if ISessionObserver.providedBy(link.filter)
+                link.filter for link in connect if ISessionObserver.providedBy(link.filter)
             )
 
     def session_observers(self, direction: Direction) -> tuple[Any, ...]:
@@ -182,26 +183,23 @@ class ChainRunner:
         here and only counted; the first other answer (a verdict, a Deferred,
         an exception) hands the stage to a `_Walk` from that filter on.
         """
-        key = (request.direction, request.stage)
-        links = self._by_stage.get(key)
-        if not links:
+        staged = self._stages.get((request.direction, request.stage))
+        if staged is None:
             return succeed(NOTHING)
-        counters = self._counters_by_stage[key]
+        links, counters, preparers = staged
         timer = self.timer
         for index, link in enumerate(links):
             started = timer()
             try:
                 answer = link.filter.check(request)
             except Exception:
-                return _Walk(self, request, links, counters, index, self._preparers[key]).take(
+                return _Walk(self, request, links, counters, index, preparers).take(
                     started,
                     None,
                     Failure(),  # type: ignore[no-untyped-call]
                 )
             if answer is not CONTINUE:
-                return _Walk(self, request, links, counters, index, self._preparers[key]).take(
-                    started, answer, None
-                )
+                return _Walk(self, request, links, counters, index, preparers).take(started, answer, None)
             counted = counters[index]
             counted.calls += 1
             counted.seconds += timer() - started
@@ -234,6 +232,10 @@ class ChainRunner:
         if verdict.action is not Action.CONTINUE:
             key = verdict.action.value
             counters.actions[key] = counters.actions.get(key, 0) + 1
+
+
+# a stage's links, their counters, and its IPrepare links with their places
+_Stage = tuple[tuple[Link, ...], tuple["FilterCounters", ...], tuple[tuple[int, Any], ...]]
 
 
 class _Deadlines:
