@@ -243,10 +243,10 @@ class _Deadlines:
 
     All waits of a link have the link's timeout, so in the queue of one timeout
     the deadlines come in the order the waits began; the reactor's timer is set
-    for the first. A wait that ends is only taken out of its queue: a
-    DelayedCall made and cancelled for each wait cost the worker about 2 µs a
-    session, and the reactor keeps cancelled calls in its heap until it sorts
-    them out.
+    for the first. A wait that ends is only taken out of its queue (and the
+    timer cancelled if nothing else waits): a DelayedCall made and cancelled
+    for each wait cost the worker about 2 µs a session, and the reactor keeps
+    cancelled calls in its heap until it sorts them out.
     """
 
     def __init__(self, clock: IReactorTime) -> None:
@@ -264,8 +264,10 @@ class _Deadlines:
 
     def remove(self, walk: Any, timeout: float) -> None:
         queue = self._queues.get(timeout)
-        if queue is not None:
-            queue.pop(walk, None)
+        if queue is not None and queue.pop(walk, None) is not None and not queue:
+            timer = self._timers.pop(timeout, None)  # nothing waits: no timer left behind
+            if timer is not None:
+                timer.cancel()
 
     def waiting(self) -> int:
         return sum(len(queue) for queue in self._queues.values())

@@ -165,6 +165,10 @@ class RunnerTests(SynchronousTestCase):
         assert found[-1][0] == 9 and found[-1][1].verdict.action is Action.REJECT  # its own failure verdict
         assert runner.deadlines.waiting() == 0
         assert self.clock.getDelayedCalls() == []  # nothing left behind
+        run(10)
+        assert len(self.clock.getDelayedCalls()) == 1
+        slow.waiting[-1].callback(CONTINUE)
+        assert self.clock.getDelayedCalls() == []  # the last wait answered: its timer is gone too
 
     def test_waiting_filters_resume_the_chain_in_order(self) -> None:
         first = StaticFilter("dns", {Stage.RCPT: "wait"})
