@@ -48,6 +48,11 @@ def _same(found: list[str], client: ipaddress.IPv4Address | ipaddress.IPv6Addres
     return False
 
 
+def _checked_names(names: list[str]) -> list[str]:
+    """The PTR names whose addresses are looked up: each once, the first MAX_NAMES."""
+    return [name for name in dict.fromkeys(names) if name][:MAX_NAMES]
+
+
 def _judged_later(failure: Failure) -> None:
     """An early lookup that failed: check() asks again and judges it (no PTR, DNS trouble)."""
 
@@ -105,14 +110,14 @@ class ReverseDns:
             self.dns.ptr(str(client)).addCallback(self._prefetch_names).addErrback(_judged_later)
 
     def _prefetch_names(self, names: list[str]) -> None:
-        for name in [name for name in dict.fromkeys(names) if name][:MAX_NAMES]:
+        for name in _checked_names(names):
             self.dns.addresses(name).addErrback(_judged_later)
 
     def _ptr_failed(self, failure: Failure, client: Any) -> Verdict | Failure:
         return lookup_failed(failure, lambda: self._no_ptr(client), lambda: self._dns_failure(client))
 
     def _names(self, names: list[str], client: Any) -> Verdict | Deferred[Verdict]:
-        names = [name for name in dict.fromkeys(names) if name][:MAX_NAMES]
+        names = _checked_names(names)
         if not names:
             return self._no_ptr(client)
         lookups = DeferredList([self.dns.addresses(name) for name in names], consumeErrors=True)
