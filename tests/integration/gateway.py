@@ -149,6 +149,44 @@ class GatewayProcess:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait()
 
+    def worker_pids(self) -> dict[int, int]:
+        """The SMTP worker processes (``smtp.workers``), pid by index: the twistd
+        process's children that run ``gateway.smtp.workers --index N``."""
+        assert self.process is not None
+        found = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as handle:
+                    parent = int(handle.read().rsplit(b")", 1)[1].split()[1])
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    argv = handle.read().split(b"\0")
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+            if parent == self.process.pid and b"gateway.smtp.workers" in argv:
+                found[int(argv[argv.index(b"--index") + 1])] = int(entry)
+        return found
+
+    @contextlib.contextmanager
+    def only_worker(self, index: int) -> Iterator[None]:
+        """Connections made (and greeted) inside go to SMTP worker ``index``.
+
+        The workers share the listening socket and the kernel hands each connection to
+        whichever is first to accept: often the same one many times over. The other
+        workers are stopped (SIGSTOP) meanwhile and continued on leaving, so read the
+        banner inside: a connection is accepted by then."""
+        pids = self.worker_pids()
+        assert index in pids, f"no SMTP worker {index}: {pids}"
+        others = [pid for number, pid in pids.items() if number != index]
+        for pid in others:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in others:
+                os.kill(pid, signal.SIGCONT)
+
     def log(self) -> str:
         try:
             with open(self.log_path, encoding="utf-8", errors="replace") as handle:

@@ -125,19 +125,14 @@ class Session:
 
 
 def test_the_per_address_limit_counts_the_sessions_of_both_workers(gateway: GatewayProcess) -> None:
+    first, second = sorted(gateway.worker_pids())
     held: list[tuple[Session, int]] = []
-    for _ in range(30):
-        while len(held) < PER_IP:
+    for worker in (first,) * (PER_IP - 1) + (second,):
+        with gateway.only_worker(worker):
             session = Session(gateway, "127.0.0.1")
             assert session.reply().startswith("220 gw.test")
-            held.append((session, session.worker()))
-        if len({worker for _, worker in held}) == 2:
-            break
-        # the kernel gave all three to one worker: let one go and try for the other
-        session, _ = held.pop(0)
-        session.quit()
-    else:
-        pytest.fail("30 connections, never spread over both workers")
+        assert session.worker() == worker
+        held.append((session, worker))
     fourth = Session(gateway, "127.0.0.1")
     # whichever worker took it holds at most two of the three: only a shared count refuses it
     assert fourth.reply() == "421 4.7.0 Error: too many connections from [127.0.0.1], try again later"
@@ -168,14 +163,15 @@ def test_auth_failures_on_both_workers_lock_the_address_out(gateway: GatewayProc
         token = base64.b64encode(f"\0{USER}\0{password}".encode()).decode()
         return session.ask(f"AUTH PLAIN {token}")
 
-    workers = set()
-    for tries in (3, 2):  # five failures over two sessions (and, often, two workers)
-        session = Session(gateway, "127.0.0.4")
-        assert session.reply().startswith("220")
+    # five failures over two sessions, one on each worker
+    for worker, tries in zip(sorted(gateway.worker_pids()), (3, 2), strict=True):
+        with gateway.only_worker(worker):
+            session = Session(gateway, "127.0.0.4")
+            assert session.reply().startswith("220")
+        assert session.worker() == worker
         assert session.ask("EHLO client.test").startswith("250")
         for _ in range(tries):
             assert attempt(session, "wrong").startswith("535 5.7.8")
-        workers.add(session.worker())
         session.close()
     locked = Session(gateway, "127.0.0.4")
     assert locked.reply().startswith("220")

@@ -45,9 +45,12 @@ def queue_rows(gateway: GatewayProcess) -> dict[str, str]:
     return rows
 
 
-def send(gateway: GatewayProcess, sender: str, subject: str) -> str:
-    """One message over its own connection; the queue id from the 250 reply."""
-    with smtplib.SMTP("127.0.0.1", gateway.smtp_port, timeout=30) as client:
+def send(gateway: GatewayProcess, sender: str, subject: str, *, worker: int | None = None) -> str:
+    """One message over its own connection (to SMTP worker ``worker`` if given); the
+    queue id from the 250 reply."""
+    with gateway.only_worker(worker) if worker is not None else contextlib.nullcontext():
+        client = smtplib.SMTP("127.0.0.1", gateway.smtp_port, timeout=30)  # the banner read
+    with client:
         client.ehlo("client.test")
         assert client.mail(sender)[0] == 250
         assert client.rcpt(RECIPIENT)[0] == 250
@@ -109,23 +112,19 @@ def test_past_its_quota_a_senders_mail_is_held_until_released(
 
 def test_the_smtp_worker_processes_share_one_count(start_gateway: Callable[..., GatewayProcess]) -> None:
     gateway = start_gateway(QUOTA.replace("messages = 3", "messages = 1"), workers=2)
-    # each sender sends two messages over two connections, which the kernel hands to
-    # either worker; the second must be held even when the other worker took it
+    # each sender sends two messages over two connections, one to each worker (either
+    # way round): the second must be held though the other worker counted the first
+    workers = sorted(gateway.worker_pids())
     firsts: list[str] = []
     seconds: list[str] = []
-    crossed = 0
-    for number in range(40):
+    for number, (one, other) in enumerate([workers, workers[::-1], workers]):
         sender = f"user{number}@corp.test"
-        firsts.append(send(gateway, sender, f"{sender} 1"))
+        firsts.append(send(gateway, sender, f"{sender} 1", worker=one))
         # the first worker's store thread commits the count just after its 250
         time.sleep(0.05)
-        seconds.append(send(gateway, sender, f"{sender} 2"))
-        # a queue id carries its worker's tag (character 12)
-        if firsts[-1][11] != seconds[-1][11]:
-            crossed += 1
-            if crossed == 3:
-                break
-    assert crossed == 3, f"the kernel gave (almost) every connection to one worker: {firsts} {seconds}"
+        seconds.append(send(gateway, sender, f"{sender} 2", worker=other))
+    # a queue id carries its worker's tag (character 12)
+    assert all(first[11] != second[11] for first, second in zip(firsts, seconds, strict=True))
     wait_until(lambda: len(delivered(gateway)) == len(firsts))
     rows = queue_rows(gateway)
     assert rows == dict.fromkeys(seconds, "hold")
