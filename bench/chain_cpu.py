@@ -81,15 +81,19 @@ def build(cell: str, state: str) -> tuple[object, object, list[bytes]]:
 
 
 def answer(dns: object, lines: list[bytes]) -> None:
-    """Answer every question sent so far: nothing listed, every name known not to exist."""
+    """Answer every question sent so far: nothing listed, every name known not to exist.
+
+    Read by slicing, not with json: what this costs is the harness's, not the
+    worker's (json here added some 30,000 instructions to a chain session).
+    """
     while lines:
         line = lines.pop(0)
-        number = json.loads(line[1:].decode("ascii"))[0]
+        number = line[2 : line.index(b",")]
         if line[:1] == b"*":
-            count = len(json.loads(line[1:].decode("ascii"))[1])
-            dns.answered(b"![%d,[%s]]" % (number, b",".join([b"[[],false]"] * count)))  # type: ignore[attr-defined]
+            count = line.count(b'","') + 1  # the names of one question: ["a","b","c"]
+            dns.answered(b"![" + number + b",[" + b",".join([b"[[],false]"] * count) + b"]]")  # type: ignore[attr-defined]
         else:
-            dns.answered(b"![%d,[],false]" % number)  # type: ignore[attr-defined]
+            dns.answered(b"![" + number + b",[],false]")  # type: ignore[attr-defined]
 
 
 def session(factory: object, dns: object, lines: list[bytes], number: int) -> bool:
