@@ -157,8 +157,9 @@ class ChainRunner:
                             for index, link in enumerate(staged)
                             if IPrepare.providedBy(link.filter)
                         ),
+                        tuple(link.filter.check for link in staged),
                     )
-            connect = self._stages.get((direction, Stage.CONNECT), ((), (), ()))[0]
+            connect = self._stages.get((direction, Stage.CONNECT), ((), (), (), ()))[0]
             self._observers[direction] = tuple(
                 link.filter for link in connect if ISessionObserver.providedBy(link.filter)
             )
@@ -186,12 +187,12 @@ class ChainRunner:
         staged = self._stages.get((request.direction, request.stage))
         if staged is None:
             return succeed(NOTHING)
-        links, counters, preparers = staged
+        links, counters, preparers, checks = staged
         timer = self.timer
-        for index, link in enumerate(links):
-            started = timer()
+        started = timer()  # one reading serves as one filter's end and the next one's start
+        for index, check in enumerate(checks):
             try:
-                answer = link.filter.check(request)
+                answer = check(request)
             except Exception:
                 return _Walk(self, request, links, counters, index, preparers).take(
                     started,
@@ -200,9 +201,11 @@ class ChainRunner:
                 )
             if answer is not CONTINUE:
                 return _Walk(self, request, links, counters, index, preparers).take(started, answer, None)
+            now = timer()
             counted = counters[index]
             counted.calls += 1
-            counted.seconds += timer() - started
+            counted.seconds += now - started
+            started = now
         return succeed(NOTHING)
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
@@ -234,8 +237,14 @@ class ChainRunner:
             counters.actions[key] = counters.actions.get(key, 0) + 1
 
 
-# a stage's links, their counters, and its IPrepare links with their places
-_Stage = tuple[tuple[Link, ...], tuple["FilterCounters", ...], tuple[tuple[int, Any], ...]]
+# a stage's links, their counters, its IPrepare links with their places, and the
+# links' check methods (looked up once: filters are reloaded in place, never replaced)
+_Stage = tuple[
+    tuple[Link, ...],
+    tuple["FilterCounters", ...],
+    tuple[tuple[int, Any], ...],
+    tuple[Callable[[Request], Any], ...],
+]
 
 
 class _Deadlines:
