@@ -109,29 +109,60 @@ class AnvilTable:
     # --- the questions -------------------------------------------------------------
 
     def connect(self, client: str, rate_window: float, error_window: float) -> ClientCounts:
-        """Count a new session of `client`; its counts, this session included."""
+        """Count a new session of `client`; its counts, this session included.
+
+        This runs for every new connection of every SMTP worker (the limits filter):
+        written with few calls.
+        """
         now = self._now()
-        rate_window = self._window("connects", rate_window)
-        error_window = self._window("sessions", error_window)
+        keep = self._keep
+        rate_window = min(max(rate_window, 0.0), HORIZON)
+        if rate_window > keep["connects"]:
+            keep["connects"] = rate_window
+        error_window = min(max(error_window, 0.0), HORIZON)
+        if error_window > keep["sessions"]:
+            keep["sessions"] = error_window
         entry = self._entry(client)
         entry.concurrent += 1
         self.sessions += 1
-        _add(entry.connects, int(now), 1)
+        second = int(now)
+        connects = entry.connects
+        if connects and connects[-1][0] == second:
+            connects[-1][1] += 1
+        else:
+            connects.append([second, 1])
+        errors = commands = 0
+        if entry.sessions:  # a client seen before: its sessions that ended in the window
+            oldest = now - error_window
+            for bucket in reversed(entry.sessions):
+                if bucket[0] < oldest:
+                    break
+                errors += bucket[1]
+                commands += bucket[2]
         return ClientCounts(
-            concurrent=entry.concurrent,
-            sessions=self.sessions,
-            rate=_sum(entry.connects, now - rate_window),
-            errors=_sum(entry.sessions, now - error_window, 1),
-            commands=_sum(entry.sessions, now - error_window, 2),
+            entry.concurrent,
+            self.sessions,
+            connects[0][1]  # a new client: its one bucket, this second's, is in the window
+            if len(connects) == 1 and second >= now - rate_window
+            else _sum(connects, now - rate_window),
+            errors,
+            commands,
         )
 
     def disconnect(self, client: str, errors: int, commands: int, *, release: bool = True) -> None:
         """A session ended; `release` False records its numbers without counting it down."""
         now = self._now()
-        if release:
-            self.release(client, 1)
+        entry = self.clients.get(client)
+        if release and entry is not None:
+            released = min(1, entry.concurrent)
+            entry.concurrent -= released
+            self.sessions -= released
         if errors > 0 or commands > 0:
-            _add(self._entry(client).sessions, int(now), max(errors, 0), max(commands, 0))
+            if entry is None:
+                entry = self._entry(client)
+            else:
+                self.clients.move_to_end(client)
+            _add(entry.sessions, int(now), max(errors, 0), max(commands, 0))
 
     def release(self, client: str, count: int) -> None:
         """Count down `count` open sessions of `client` (never below zero)."""

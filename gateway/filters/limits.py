@@ -146,12 +146,14 @@ class Limits:
     # --- IFilter ---------------------------------------------------------------------
 
     def check(self, request: Request) -> Verdict | Deferred[Verdict]:
-        if self._exempt(request.session):
-            return CONTINUE
-        if request.stage is Stage.CONNECT:
-            return self._connect(request.session)
+        session = request.session
+        if session.may_relay and self.settings.exempt_relay_networks and session.authenticated_user is None:
+            return CONTINUE  # see _exempt
+        stage = request.stage
+        if stage is Stage.CONNECT:
+            return self._connect(session)
         verdict = self._rsets(request)
-        if verdict is None and request.stage is Stage.RCPT:
+        if verdict is None and stage is Stage.RCPT:
             verdict = self._harvest(request)
         return verdict or CONTINUE
 
@@ -179,19 +181,24 @@ class Limits:
     def _judge(self, counts: ClientCounts, session: Session) -> Verdict:
         settings = self.settings
         client = session.peer_host
-        if _over(counts.concurrent, settings.max_connections_per_ip):
+        # _over(value, limit), written out: this runs for every new connection
+        limit = settings.max_connections_per_ip
+        if limit > 0 and counts.concurrent > limit:
             return _cut_off(f"Error: too many connections from [{client}], try again later")
-        if _over(counts.rate, settings.max_connection_rate):
+        limit = settings.max_connection_rate
+        if limit > 0 and counts.rate > limit:
             return _cut_off(
                 f"Error: too many connections from [{client}] in {settings.rate_window:g} s, try again later"
             )
         if (
-            settings.error_min > 0
+            counts.errors
+            and settings.error_min > 0
             and counts.errors >= settings.error_min
             and counts.errors > settings.error_ratio * counts.commands
         ):
             return _cut_off(f"Error: too many errors from your address [{client}], try again later")
-        if _over(counts.sessions, settings.max_sessions):
+        limit = settings.max_sessions
+        if limit > 0 and counts.sessions > limit:
             return _cut_off("Error: too many connections, try again later")
         return CONTINUE
 
@@ -199,7 +206,8 @@ class Limits:
         counts = request.counts
         # clients that reuse a session (Postfix, our own SMTP client) RSET before each message
         beyond = counts.get("rset", 0) - counts.get("messages", 0)
-        if _over(beyond, self.settings.max_rset):
+        limit = self.settings.max_rset
+        if limit > 0 and beyond > limit:  # _over
             return _cut_off(f"Error: too many RSET commands from [{request.session.peer_host}]")
         return None
 
