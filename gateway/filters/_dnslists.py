@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -137,9 +137,13 @@ class Listing:
         return f"{self.site.zone}={','.join(self.answers)}*{self.site.weight}"
 
 
-@attrs.frozen
+@attrs.define
 class Score:
-    """What the zones said about one name."""
+    """What the zones said about one name.
+
+    Not frozen, though nobody changes one: one is made for every new client, and
+    a frozen attrs class takes three times as long to make.
+    """
 
     name: str  # what was looked up ("2.0.0.127", "example.com")
     score: int = 0
@@ -176,13 +180,22 @@ class DnsLists:
         self.txt = txt
         self.owner = owner  # the filter, whose (instance) name the log lines carry
 
-    def score(self, name: str, *, threshold: int | None = None) -> Deferred[Score]:
+    def score(
+        self,
+        name: str,
+        *,
+        threshold: int | None = None,
+        then: Callable[..., Any] | None = None,
+        then_args: tuple[Any, ...] = (),
+    ) -> Deferred[Any]:
         """The Score of `name` (a reversed IP or a domain); never fails.
 
         With `threshold`, the TXT reason is asked for only when the score reaches it.
+        With `then`, the result is ``then(score, *then_args)`` instead, called in the
+        same callback (one Deferred callback less for every new client).
         """
         return self.dns.a_each([f"{name}.{zone}" for zone in self.zones]).addCallback(
-            self._scored, name, threshold
+            self._scored, name, threshold, then, then_args
         )
 
     def prefetch(self, name: str) -> None:
@@ -195,10 +208,21 @@ class DnsLists:
         )
 
     def _scored(
-        self, results: list[list[str] | Failure], name: str, threshold: int | None = None
-    ) -> Score | Deferred[Score]:
-        score = self._score(results, name)
-        return self._reason(score, threshold) if self.txt else score
+        self,
+        results: list[list[str] | Failure],
+        name: str,
+        threshold: int | None = None,
+        then: Callable[..., Any] | None = None,
+        then_args: tuple[Any, ...] = (),
+    ) -> Any:
+        score: Score | Deferred[Score] = self._score(results, name)
+        if self.txt:
+            score = self._reason(score, threshold)  # type: ignore[arg-type]
+        if then is None:
+            return score
+        if isinstance(score, Deferred):
+            return score.addCallback(then, *then_args)
+        return then(score, *then_args)
 
     def _score(self, results: list[list[str] | Failure], name: str) -> Score:
         if not any(results):  # listed nowhere, and every zone answered (a Failure is true)

@@ -213,7 +213,7 @@ class RelayedLookups(Lookups):
         """`a` of every name in one question to the main process (see `Lookups.a_each`)."""
         if not names:
             return super().a_each(names)
-        quoted = ",".join(_string(name) for name in names).replace("%", "%%")
+        quoted = ",".join(map(_string, names)).replace("%", "%%")
         return self._ask(f"*[%d,[{quoted}]]\n", many=True)
 
     def answered(self, line: bytes) -> None:
@@ -221,7 +221,8 @@ class RelayedLookups(Lookups):
         try:
             number, *answer = _decode(line[1:].decode("ascii"))
             waiter, many = self._waiting.pop(number)
-            result = [_a_result(*each) for each in answer[0]] if many else _result(*answer)
+            # [] (no address, the usual answer) is taken as it is
+            result = [v if v == [] else _a_result(v, o) for v, o in answer[0]] if many else _result(*answer)
         except (ValueError, TypeError, KeyError, UnicodeDecodeError):
             log.error("dns: the main process sent a line that is no answer: {line!r}", line=line[:200])
             return

@@ -391,7 +391,7 @@ class _Walk:
                 # its deadline (cheaper than Deferred.addTimeout or a callLater each)
                 self.timer = link.timeout
                 self.runner.deadlines.add(self, link.timeout, answer)
-                if self.preparers:
+                if self.preparers and self.preparers[-1][0] > self.index:
                     self._prepare_the_rest()
                 return None
             verdict, self.inline_verdict = self.inline_verdict, None

@@ -113,6 +113,18 @@ class Dnsbl:
         self.whitelist_threshold = whitelist_threshold
         self.action = action
         self.stages = frozenset({stage})
+        # what a client no zone lists gets: CONTINUE, unless the thresholds say otherwise
+        self._unlisted_continues = (
+            listed_verdict(
+                Score(""),
+                threshold=threshold,
+                whitelist_threshold=whitelist_threshold,
+                action=action,
+                blocked="",
+                header=HEADER,
+            )
+            is None
+        )
 
     @classmethod
     def from_config(cls, options: Section, services: FilterServices) -> Dnsbl:
@@ -136,7 +148,7 @@ class Dnsbl:
         name = reversed_address(client)
         if name is None:
             return CONTINUE  # not an IP client (a test harness, a UNIX socket)
-        return self.lists.score(name, threshold=self.threshold).addCallback(self._verdict, client)
+        return self.lists.score(name, threshold=self.threshold, then=self._verdict, then_args=(client,))
 
     def prepare(self, request: Request) -> None:
         name = reversed_address(request.session.peer_host)
@@ -144,6 +156,8 @@ class Dnsbl:
             self.lists.prefetch(name)
 
     def _verdict(self, score: Score, client: str) -> Verdict:
+        if not score.listings and self._unlisted_continues:
+            return CONTINUE  # the usual answer, without the work below
         verdict = listed_verdict(
             score,
             threshold=self.threshold,
