@@ -49,11 +49,18 @@ class RecipientDirectory(Protocol):
     def reload(self) -> None: ...
 
 
+# the answers that name no address (frozen: one serves every lookup)
+_ACCEPT_ALL = Lookup(Answer.VALID, "accept-all")
+_LISTED = Lookup(Answer.VALID, "listed")
+_DOMAIN_LISTED = Lookup(Answer.VALID, "domain listed")
+_NOT_LISTED = Lookup(Answer.UNKNOWN, "not in the recipient list")
+
+
 class AcceptAll:
     """Every address of our domains is valid."""
 
     def lookup(self, address: str) -> Lookup:
-        return Lookup(Answer.VALID, "accept-all")
+        return _ACCEPT_ALL
 
     def reload(self) -> None:
         pass
@@ -113,11 +120,12 @@ class RecipientList:
 
     def lookup(self, address: str) -> Lookup:
         key = address_key(address)
-        if key in self.entries.addresses:
-            return Lookup(Answer.VALID, "listed")
-        if key.rpartition("@")[2] in self.entries.domains:
-            return Lookup(Answer.VALID, "domain listed")
-        return Lookup(Answer.UNKNOWN, "not in the recipient list")
+        entries = self.entries
+        if key in entries.addresses:
+            return _LISTED
+        if key.rpartition("@")[2] in entries.domains:
+            return _DOMAIN_LISTED
+        return _NOT_LISTED
 
     def reload(self) -> None:
         """Re-read the files; on a bad one raise ConfigError and keep the list as it was."""

@@ -132,6 +132,8 @@ class PatternTable:
             )
 
     def lookup(self, address: str) -> Listing | None:
+        if not self.domains and not self.addresses:
+            return None  # an empty list (no recipients listed, say): nothing to parse
         local, at, domain = address.rpartition("@")
         if not at:  # the null sender, or a bare "postmaster": no entry names them
             return None
@@ -192,6 +194,7 @@ def build_tables(
 
 
 @functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=64)  # a gateway has a few listeners, and a connection each time
 def listener_port(endpoint: str) -> int | None:
     """The port of a listener's endpoint string ("tcp:25:interface=..." -> 25); None if none."""
     kind, *arguments = re.split(r"(?<!\\):", endpoint)
@@ -271,6 +274,8 @@ class Lists:
             if found.allowed:
                 return Verdict(Action.ACCEPT, f"client {peer} is allowed")
             return Verdict.reject(f"Access denied: client {peer} is blocked")
+        if not tables.ports:
+            return CONTINUE
         port = listener_port(request.session.listener)
         found = tables.ports.get(port) if port is not None else None
         if found is not None:
