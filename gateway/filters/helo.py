@@ -25,6 +25,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable
+from typing import Literal
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -80,7 +81,7 @@ def _why_not_hostname(name: str) -> str | None:
     return None
 
 
-def address_literal(name: str) -> IPAddress | bool | None:
+def address_literal(name: str) -> IPAddress | Literal[False] | None:
     """The address of ``[192.0.2.1]`` / ``[IPv6:...]``; False for a bad literal; None if not one."""
     if not (name.startswith("[") and name.endswith("]")):
         return None
@@ -168,12 +169,12 @@ class Helo:
         helo = request.session.helo
         if not helo:
             return CONTINUE
-        literal = address_literal(helo)
+        literal = address_literal(helo) if helo[0] == "[" else None  # a name, usually
         if literal is False or (literal is None and hostname_problem(helo) is not None):
             if self.reject_invalid:
                 return Verdict.reject(f"<{helo}>: Helo command rejected: Invalid name", 501, "5.5.2")
             return CONTINUE
-        if isinstance(literal, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        if literal is not None:  # an address (False, a bad literal, was answered above)
             if self.reject_own_address and self._claims_our_address(literal, request.session.peer_host):
                 return self._not_us(helo)
             return CONTINUE  # an address literal has nothing to resolve

@@ -190,10 +190,11 @@ class Protocol:
         if session.pregreet:
             verdict = self._pregreet(session)
             return CONTINUE if verdict.action is Action.TAG else verdict  # tagged at MAIL
-        key = _key(session)
-        if key in self._waited:
-            self._waited.discard(key)
-            self.passed.add(session.peer_host)  # it waited for the banner: a real MTA
+        if self._waited:  # (empty without a greet wait)
+            key = _key(session)
+            if key in self._waited:
+                self._waited.discard(key)
+                self.passed.add(session.peer_host)  # it waited for the banner: a real MTA
         return CONTINUE
 
     def _mail(self, request: Request) -> Verdict:
@@ -238,7 +239,8 @@ class Protocol:
     # --- ISessionObserver ------------------------------------------------------------
 
     def session_closed(self, session: Session, counts: dict[str, int]) -> None:
-        self._waited.discard(_key(session))
+        if self._waited:
+            self._waited.discard(_key(session))
 
 
 def _timeout_of(options: Section, services: FilterServices) -> float | None:
