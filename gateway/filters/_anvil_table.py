@@ -112,33 +112,21 @@ class AnvilTable:
         """Count a new session of `client`; its counts, this session included.
 
         This runs for every new connection of every SMTP worker (the limits filter):
-        written with few calls.
+        a new client's counts are read without walking its (empty) buckets.
         """
         now = self._now()
-        keep = self._keep
-        rate_window = min(max(rate_window, 0.0), HORIZON)
-        if rate_window > keep["connects"]:
-            keep["connects"] = rate_window
-        error_window = min(max(error_window, 0.0), HORIZON)
-        if error_window > keep["sessions"]:
-            keep["sessions"] = error_window
+        rate_window = self._window("connects", rate_window)
+        error_window = self._window("sessions", error_window)
         entry = self._entry(client)
         entry.concurrent += 1
         self.sessions += 1
         second = int(now)
         connects = entry.connects
-        if connects and connects[-1][0] == second:
-            connects[-1][1] += 1
-        else:
-            connects.append([second, 1])
+        _add(connects, second, 1)
         errors = commands = 0
         if entry.sessions:  # a client seen before: its sessions that ended in the window
-            oldest = now - error_window
-            for bucket in reversed(entry.sessions):
-                if bucket[0] < oldest:
-                    break
-                errors += bucket[1]
-                commands += bucket[2]
+            errors = _sum(entry.sessions, now - error_window, 1)
+            commands = _sum(entry.sessions, now - error_window, 2)
         return ClientCounts(
             entry.concurrent,
             self.sessions,
@@ -154,21 +142,17 @@ class AnvilTable:
         now = self._now()
         entry = self.clients.get(client)
         if release and entry is not None:
-            released = min(1, entry.concurrent)
-            entry.concurrent -= released
-            self.sessions -= released
+            self._release(entry, 1)
         if errors > 0 or commands > 0:
-            if entry is None:
-                entry = self._entry(client)
-            else:
-                self.clients.move_to_end(client)
-            _add(entry.sessions, int(now), max(errors, 0), max(commands, 0))
+            _add(self._entry(client).sessions, int(now), max(errors, 0), max(commands, 0))
 
     def release(self, client: str, count: int) -> None:
         """Count down `count` open sessions of `client` (never below zero)."""
         entry = self.clients.get(client)
-        if entry is None:
-            return
+        if entry is not None:
+            self._release(entry, count)
+
+    def _release(self, entry: _Client, count: int) -> None:
         released = min(count, entry.concurrent)
         entry.concurrent -= released
         self.sessions -= released

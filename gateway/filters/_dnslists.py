@@ -215,9 +215,8 @@ class DnsLists:
         then: Callable[..., Any] | None = None,
         then_args: tuple[Any, ...] = (),
     ) -> Any:
-        score: Score | Deferred[Score] = self._score(results, name)
-        if self.txt:
-            score = self._reason(score, threshold)  # type: ignore[arg-type]
+        scored = self._score(results, name)
+        score = self._reason(scored, threshold) if self.txt else scored
         if then is None:
             return score
         if isinstance(score, Deferred):
