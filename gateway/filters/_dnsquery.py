@@ -12,8 +12,12 @@ a thousand questions in flight are a thousand small objects and a few sockets.
   so a spoofer must guess port, id and name at once.
 - The common answers are read by hand (`_dnswire.parse_reply`), the others by
   dnspython; both check id, header and question the same way.
-- One timer per question: the next retransmission, or the deadline when that
-  comes first.
+- Each question wakes for its next retransmission, or its deadline when that
+  comes first; the querier keeps these wake-ups on one heap under one reactor
+  timer (`DnsQuerier._wake`), not a DelayedCall each: the main process asks
+  three questions for every new client of every SMTP worker, and a DelayedCall
+  made and cancelled for each cost it more than the rest of the question's
+  timekeeping.
 - A question is retransmitted with a doubling interval, turning to the next
   name server each time, until the deadline: then it fails with
   `DnsTemporaryError`.
@@ -27,7 +31,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import heapq
 import ipaddress
+import itertools
 import math
 import struct
 from collections.abc import Callable, Iterator, Sequence
@@ -229,8 +235,8 @@ class _Question:
         self.sent: dict[tuple[_Socket, int], tuple[Server, bool]] = {}  # -> (server, with EDNS)
         self.interval = min(FIRST_RETRY, querier.timeout / 3)
         self.deadline = querier.clock.seconds() + querier.timeout
-        self.timer: Any = None  # the IDelayedCall of the next retransmission, or of the deadline
-        self.timer_is_deadline = False
+        self.wake = 0  # which of its entries on the querier's heap is the live one
+        self.timer_is_deadline = False  # whether the next wake-up is the deadline
         self.tcp = False  # asking over TCP: no UDP retransmissions meanwhile
         self.connector: Any = None  # the TCP connection's IConnector
 
@@ -241,17 +247,11 @@ class _Question:
 
     def _wake_in(self, seconds: float) -> None:
         """Retransmit in `seconds`, or give up at the deadline if that comes first."""
-        now = self.querier.clock.seconds()
-        at_deadline = now + seconds >= self.deadline
-        delay = max(0.0, self.deadline - now) if at_deadline else seconds
-        self.timer_is_deadline = at_deadline
-        if self.timer is not None and self.timer.active():
-            self.timer.reset(delay)
-        else:
-            self.timer = self.querier.clock.callLater(delay, self._woken)
+        when = self.querier.clock.seconds() + seconds
+        self.timer_is_deadline = when >= self.deadline
+        self.querier._wake(self, self.deadline if self.timer_is_deadline else when)
 
     def _woken(self) -> None:
-        self.timer = None
         if self.timer_is_deadline:
             self._timed_out()
         else:
@@ -404,9 +404,7 @@ class _Question:
         for sock, query_id in list(self.sent):
             sock.release(query_id)
         self.sent.clear()
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
+        self.wake += 1  # its entry on the querier's heap is void
         if self.connector is not None:
             self.connector.disconnect()  # a TCP answer still coming is not wanted any more
             self.connector = None
@@ -449,6 +447,11 @@ class DnsQuerier:
         self.sockets: dict[int, list[_Socket]] = {4: [], 6: []}
         self.retired: list[_Socket] = []
         self.in_flight: set[_Question] = set()
+        # when questions wake (see _wake): (time, order, question, its wake number), a heap
+        self._wakeups: list[tuple[float, int, _Question, int]] = []
+        self._order = itertools.count()  # for questions that wake at the same time
+        self._timer: Any = None  # the reactor's IDelayedCall for the first live wake-up
+        self._timer_at = math.inf
         self._together: dict[int, _Socket] | None = None  # inside together(): the socket per family
 
     @contextlib.contextmanager
@@ -526,6 +529,54 @@ class DnsQuerier:
 
     def _done(self, question: _Question) -> None:
         self.in_flight.discard(question)
+        if not self.in_flight:  # nothing waits: no timer left behind
+            self._wakeups.clear()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+                self._timer_at = math.inf
+
+    def _wake(self, question: _Question, when: float) -> None:
+        """Wake `question` (its `_woken`) at `when`, instead of when it was to wake.
+
+        The entry goes on a heap, and only the first entry that is still live
+        has a reactor timer. An answered question leaves its entry behind,
+        void (its wake number has moved on), to be dropped when it comes to the
+        top: a push and a pop are far cheaper than a DelayedCall and its cancel.
+        """
+        question.wake += 1
+        heapq.heappush(self._wakeups, (when, next(self._order), question, question.wake))
+        if when < self._timer_at:
+            self._arm(when)
+        if len(self._wakeups) > 2 * len(self.in_flight) + 4096:
+            # no live entry came due for a long time: drop the void ones now
+            self._wakeups[:] = [entry for entry in self._wakeups if entry[3] == entry[2].wake]
+            heapq.heapify(self._wakeups)
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.clock.callLater(max(0.0, when - self.clock.seconds()), self._woken)
+        self._timer_at = when
+
+    def _woken(self) -> None:
+        """The timer: wake the questions whose time has come, then set it for the next live one."""
+        self._timer = None
+        self._timer_at = math.inf
+        now = self.clock.seconds() + 1e-6  # the reactor may run a call a rounding error early
+        heap = self._wakeups
+        while heap:
+            when, _order, question, wake = heap[0]
+            if wake != question.wake:
+                heapq.heappop(heap)  # answered, or set to wake at another time
+            elif when > now:
+                break
+            else:
+                heapq.heappop(heap)
+                question.wake += 1
+                question._woken()  # may put it back on the heap, or end the last question
+        if heap and heap[0][0] < self._timer_at:
+            self._arm(heap[0][0])
 
     @property
     def open_sockets(self) -> int:

@@ -323,6 +323,32 @@ class QuerierTests(SynchronousTestCase):
         with pytest.raises(DnsTemporaryError, match="no answer within 5 s"):
             result_of(answer)
 
+    def test_questions_in_flight_share_one_timer_and_each_retransmits_on_its_own_time(self) -> None:
+        lookups = self.lookups(timeout=5.0)
+        first = lookups.a("2.0.0.127.bl.test")
+        self.network.answer(self.zone)  # answered at once: it must never be sent again
+        waiting = []
+        for name in ("3.0.0.127.bl.test", "9.0.0.127.bl.test"):
+            self.network.advance(0.5)
+            waiting.append(lookups.a(name))
+        assert len(self.network.getDelayedCalls()) == 1  # one timer, however many questions wait
+        times = []
+        for _ in range(12):
+            before = len(self.network.written)
+            self.network.advance(0.25)
+            times += [self.network.seconds()] * (len(self.network.written) - before)
+        # 3.0.0.127 asked at 0.5 and 9.0.0.127 at 1.0 are sent again 1 s later, and again 2 s after that
+        assert times == [1.5, 2.0, 3.5, 4.0]
+        assert [query.question[0].name.to_text() for _, query, _ in self.network.sent()[3:]] == [
+            "3.0.0.127.bl.test.",
+            "9.0.0.127.bl.test.",
+        ] * 2
+        self.network.answer(self.zone)
+        assert result_of(first) == ["127.0.0.2"]
+        assert sorted(result_of(waiting[0])) == ["127.0.0.10", "127.0.0.4"]
+        assert result_of(waiting[1]) == []
+        assert self.network.getDelayedCalls() == []  # nothing waits: no timer left behind
+
     def test_servfail_from_one_server_asks_the_other_at_once(self) -> None:
         lookups = self.lookups(NS1, NS2)
         answer = lookups.a("2.0.0.127.bl.test")

@@ -96,3 +96,31 @@ def test_a_line_from_another_thread_goes_out_at_once(in_io_thread: None) -> None
     thread.join()
     assert out.writes == ["info from a pool\n"]
     assert clock.getDelayedCalls() == []
+
+
+def test_the_main_process_logs_each_worker_line_at_its_level_as_written() -> None:
+    from twisted.logger import LogLevel, formatEvent, formatEventAsClassicLogText
+
+    from gateway.smtp.workers import WorkerLink
+
+    events: list[dict[str, object]] = []
+    link = WorkerLink(None, 2)  # type: ignore[arg-type]  # the pool is not needed for log lines
+    link.log.observer = events.append  # type: ignore[assignment]
+    link.errReceived(b"info smtpd: connect from [192.0.2.1]:4000 {braces} {0} %s\nwarn filter: slow\nerr")
+    link.errReceived(b"or dns: no answer\nTraceback (most recent call last):\n")
+    assert [formatEvent(event) for event in events] == [
+        "smtpd: connect from [192.0.2.1]:4000 {braces} {0} %s",  # as written, no field looked up
+        "filter: slow",
+        "dns: no answer",  # a line that came in two reads
+        "Traceback (most recent call last):",  # not the worker's log (a crash): kept whole
+    ]
+    assert [event["log_level"] for event in events] == [
+        LogLevel.info,
+        LogLevel.warn,
+        LogLevel.error,
+        LogLevel.warn,
+    ]
+    assert {event["log_namespace"] for event in events} == {"mailgate.smtpd.2"}
+    # what the main process's text log shows, as for any event of its own
+    line = formatEventAsClassicLogText(events[1])
+    assert line is not None and line.endswith(" [mailgate.smtpd.2#warn] filter: slow\n")
