@@ -187,15 +187,19 @@ class DnsLists:
         threshold: int | None = None,
         then: Callable[..., Any] | None = None,
         then_args: tuple[Any, ...] = (),
+        unlisted: Any = None,
     ) -> Deferred[Any]:
         """The Score of `name` (a reversed IP or a domain); never fails.
 
         With `threshold`, the TXT reason is asked for only when the score reaches it.
         With `then`, the result is ``then(score, *then_args)`` instead, called in the
-        same callback (one Deferred callback less for every new client).
+        same callback (one Deferred callback less for every new client). With
+        `unlisted` too, that is the result when every zone answered and none lists
+        `name` (what `then` gives for an empty Score, the usual answer), and no
+        Score is made.
         """
         return self.dns.a_each([f"{name}.{zone}" for zone in self.zones]).addCallback(
-            self._scored, name, threshold, then, then_args
+            self._scored, name, threshold, then, then_args, unlisted
         )
 
     def prefetch(self, name: str) -> None:
@@ -214,7 +218,10 @@ class DnsLists:
         threshold: int | None = None,
         then: Callable[..., Any] | None = None,
         then_args: tuple[Any, ...] = (),
+        unlisted: Any = None,
     ) -> Any:
+        if unlisted is not None and not any(results):  # (a Failure is true)
+            return unlisted
         scored = self._score(results, name)
         score = self._reason(scored, threshold) if self.txt else scored
         if then is None:

@@ -233,7 +233,7 @@ class _Question:
         self.failed: set[Server] = set()
         self.no_edns: set[Server] = set()
         self.sent: dict[tuple[_Socket, int], tuple[Server, bool]] = {}  # -> (server, with EDNS)
-        self.interval = min(FIRST_RETRY, querier.timeout / 3)
+        self.interval = querier.first_interval
         self.deadline = querier.clock.seconds() + querier.timeout
         self.wake = 0  # which of its entries on the querier's heap is the live one
         self.timer_is_deadline = False  # whether the next wake-up is the deadline
@@ -443,6 +443,7 @@ class DnsQuerier:
         self.clock = reactor
         self.nameservers = tuple(nameservers)
         self.timeout = timeout
+        self.first_interval = min(FIRST_RETRY, timeout / 3)  # before a question's first retransmission
         self.log_problem = log_problem or (lambda text: None)
         self.sockets: dict[int, list[_Socket]] = {4: [], 6: []}
         self.retired: list[_Socket] = []

@@ -31,6 +31,7 @@ deadline); if it is gone, what waits and every later lookup fail with
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
 from collections.abc import Callable, Sequence
@@ -305,8 +306,18 @@ class LookupRelay:
         self._reply(number, None, failure_text(failure))
 
     def _answer_many(self, results: list[list[str] | Failure], number: int) -> None:
+        if not any(results):  # no name has an address (a Failure is true): a DNSBL's usual answer
+            if self.send is not None:
+                self.send(b"![%d,%s]\n" % (number, _unlisted(len(results))))
+            return
         each = [(None, failure_text(r)) if isinstance(r, Failure) else (r, True) for r in results]
         self._reply(number, each)
+
+
+@functools.lru_cache(maxsize=16)
+def _unlisted(count: int) -> bytes:
+    """The answers of `count` names that exist without an address (as `_answer_many` writes them)."""
+    return _encode([([], True)] * count).encode("ascii")
 
 
 def worker_end(sock: socket.socket, reactor: Any) -> tuple[RelayedLookups, LineChannel]:

@@ -114,7 +114,7 @@ class Dnsbl:
         self.action = action
         self.stages = frozenset({stage})
         # what a client no zone lists gets: CONTINUE, unless the thresholds say otherwise
-        self._unlisted_continues = (
+        unlisted_continues = (
             listed_verdict(
                 Score(""),
                 threshold=threshold,
@@ -125,6 +125,7 @@ class Dnsbl:
             )
             is None
         )
+        self._unlisted: Verdict | None = CONTINUE if unlisted_continues else None
 
     @classmethod
     def from_config(cls, options: Section, services: FilterServices) -> Dnsbl:
@@ -148,7 +149,9 @@ class Dnsbl:
         name = reversed_address(client)
         if name is None:
             return CONTINUE  # not an IP client (a test harness, a UNIX socket)
-        return self.lists.score(name, threshold=self.threshold, then=self._verdict, then_args=(client,))
+        return self.lists.score(
+            name, threshold=self.threshold, then=self._verdict, then_args=(client,), unlisted=self._unlisted
+        )
 
     def prepare(self, request: Request) -> None:
         name = reversed_address(request.session.peer_host)
@@ -156,8 +159,8 @@ class Dnsbl:
             self.lists.prefetch(name)
 
     def _verdict(self, score: Score, client: str) -> Verdict:
-        if not score.listings and self._unlisted_continues:
-            return CONTINUE  # the usual answer, without the work below
+        if not score.listings and self._unlisted is not None:
+            return CONTINUE  # a zone failed, none lists the client: without the work below
         verdict = listed_verdict(
             score,
             threshold=self.threshold,

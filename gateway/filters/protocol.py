@@ -137,6 +137,14 @@ class Protocol:
         self.multi_recipient_bounce = multi_recipient_bounce
         self.outbound_null_sender = outbound_null_sender
         self._waited: set[SessionKey] = set()  # sessions that waited, until they pass or end
+        # only the stages with something to check: no greet wait, nothing at CONNECT (and no
+        # session to forget at its end); bounces to several recipients allowed, nothing at RCPT
+        stages = {Stage.HELO, Stage.MAIL}
+        if greet_wait > 0:
+            stages.add(Stage.CONNECT)
+        if multi_recipient_bounce != "accept":
+            stages.add(Stage.RCPT)
+        self.stages = frozenset(stages)
 
     @classmethod
     def from_config(cls, options: Section, services: FilterServices) -> Protocol:

@@ -121,6 +121,16 @@ class ChannelTests(TestCase):
         assert await asked[2] == [(10, "mx1.example.test"), (20, "mx2.example.test")]
         assert lookups.in_flight == 0
 
+    async def test_names_without_addresses_come_back_empty_and_in_order(self) -> None:
+        main_end, worker_end = self.pair()
+        lookups, _channel = self.worker(worker_end)
+        self.main(main_end, StaticDnsLookups(ZONE))
+        # the usual DNSBL answer (nothing listed: no such name, or a name without an A record)
+        for names in (["9.0.0.127.bl.test", "bl.test", "nowhere.test"], ["9.0.0.127.bl.test"]):
+            assert await lookups.a_each(names) == [[]] * len(names)
+        mixed = await lookups.a_each(["9.0.0.127.bl.test", "2.0.0.127.bl.test", "nowhere.test"])
+        assert mixed == [[], ["127.0.0.2"], []]
+
     async def test_a_batch_of_questions_goes_out_at_once_and_the_rest_at_the_end_of_the_turn(self) -> None:
         main_end, worker_end = self.pair()
         counting = CountingSocket(worker_end)

@@ -85,6 +85,16 @@ def test_a_greet_wait_as_long_as_the_filter_timeout_is_refused_at_start() -> Non
     build('greet_wait = "10s"\ntimeout = "12s"', filters='timeout = "8s"')  # its own timeout
 
 
+def test_it_acts_only_at_the_stages_its_settings_have_something_to_check() -> None:
+    assert build()[0].stages == {Stage.CONNECT, Stage.HELO, Stage.MAIL, Stage.RCPT}  # the defaults
+    assert build("greet_wait = 0")[0].stages == {Stage.HELO, Stage.MAIL, Stage.RCPT}  # no wait: no CONNECT
+    quiet, _ = build('greet_wait = 0\nmulti_recipient_bounce = "accept"')
+    assert quiet.stages == {Stage.HELO, Stage.MAIL}
+    # pregreet and improper pipelining are still refused, whatever the stages
+    assert ask(quiet, Stage.MAIL, client(pregreet=True)).action is Action.REJECT  # type: ignore[union-attr]
+    assert ask(quiet, Stage.MAIL, client(improper_pipelining=True)).action is Action.REJECT  # type: ignore[union-attr]
+
+
 def test_a_bad_action_names_its_key_and_choices() -> None:
     with pytest.raises(configuration.ConfigError) as raised:
         build('pregreet_action = "shout"')
