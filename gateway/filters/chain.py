@@ -424,6 +424,14 @@ class _Walk:
 
     def _answered(self, answer: object) -> None:
         self._stop_timer()
+        if answer is CONTINUE and not self.inline:
+            # the usual answer (a client no DNS list names): counted as run() counts it
+            counters = self.counters[self.index]
+            counters.calls += 1
+            counters.seconds += self.runner.timer() - self.started
+            self.index += 1
+            self._go_on(self._advance())
+            return
         link = self.links[self.index]
         self._resume(link, self._checked(link, answer, failed=False))
 
@@ -438,8 +446,10 @@ class _Walk:
             return
         self.index += 1
         outcome = self._consider(link, verdict)
-        if outcome is None:
-            outcome = self._advance()
+        self._go_on(outcome if outcome is not None else self._advance())
+
+    def _go_on(self, outcome: Outcome | None) -> None:
+        """After a wait: the stage's Outcome to whoever waits for it, unless a link waits again (None)."""
         if outcome is not None:
             assert self.result is not None
             result, self.result = self.result, None

@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from gateway.filters import Request
-from gateway.filters.chain import ChainRunner, Link, Outcome, failure_verdict
+from gateway.filters.chain import NOTHING, ChainRunner, Link, Outcome, failure_verdict
 from gateway.filters.testing import StaticFilter, raising
 from gateway.interfaces import IPrepare
 from gateway.model import ACCEPT, CONTINUE, Action, Direction, Envelope, Recipient, Session, Stage, Verdict
@@ -215,6 +215,22 @@ class RunnerTests(SynchronousTestCase):
         self.assertEqual((runner.counters["also"].calls, runner.counters["also"].seconds), (2, 2.0))
         self.assertEqual(runner.counters["pass"].actions, {})
         self.assertEqual(len(passing.requests) + len(also.requests), 4)
+
+    def test_a_filter_that_waits_then_lets_the_client_go_on_is_counted_with_its_wait(self) -> None:
+        ticks = iter(range(0, 100, 5))
+        dns = StaticFilter("dns", {Stage.RCPT: "wait"})
+        then = StaticFilter("then", {Stage.RCPT: CONTINUE})
+        runner = ChainRunner(
+            {Direction.INBOUND: (Link(dns), Link(then))}, self.clock, timer=lambda: float(next(ticks))
+        )
+        found: list[Outcome] = []
+        runner.run(request()).addCallback(found.append)
+        assert found == [] and then.requests == []
+        dns.waiting[0].callback(CONTINUE)  # answered 5 ticks after it was asked
+        assert found == [NOTHING] and len(then.requests) == 1  # the stage went on, and passed
+        assert (runner.counters["dns"].calls, runner.counters["dns"].seconds) == (1, 5.0)
+        assert (runner.counters["then"].calls, runner.counters["then"].actions) == (1, {})
+        assert runner.deadlines.waiting() == 0 and self.clock.getDelayedCalls() == []
 
 
 @implementer(IPrepare)
