@@ -386,7 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=50)
-    parser.add_argument("--reps", type=int, default=1)
+    # one 10 s window per cell is at the mercy of this machine's drifts (the
+    # same cell varies by 20-30 % from minute to minute): the medians of five
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument(
         "--message", action="store_true", help="each session sends one 1 KB message (relayed to smtp-sink)"
@@ -438,6 +440,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<14} {rate:>28.1f}")
     if "core" in median and "chain" in median:
         print(f"ratio chain/core          = {median['chain'] / median['core']:.2f}  (target >= 0.80)")
+        each = [
+            c["rate"] / k["rate"] for k, c in zip(results["core"], results["chain"], strict=True) if k["rate"]
+        ]
+        print("  per repetition:          " + ", ".join(f"{ratio:.2f}" for ratio in each))
+        # the ratio is the worker's CPU per session (the chain's own cost) times the share
+        # of its vCPU it got (what the other processes left it)
+        for name in ("core", "chain"):
+            rows = [r for r in results[name] if r["rate"] and "worker1_cpu_pct_1core" in r["cpu"]]
+            if rows:
+                per_session = statistics.median(
+                    r["cpu"]["worker1_cpu_pct_1core"] * 1e4 / r["rate"] for r in rows
+                )
+                share = statistics.median(r["cpu"]["worker1_cpu_pct_1core"] for r in rows)
+                print(
+                    f"  worker in {name:<5}          {per_session:.0f} us CPU per session,"
+                    f" {share:.0f} % of a vCPU"
+                )
     if "proxied" in median and "chain+stalled" in median:
         print(
             f"ratio stalled/proxied     = {median['chain+stalled'] / median['proxied']:.2f}"
